@@ -1,0 +1,22 @@
+//! capsync's wire contract, shared by the server, the client and the CLI.
+//!
+//! # Layout
+//!
+//! - [`capsync_capnp`]: Rust generated from `schema/capsync.capnp` by the workspace `build.rs`.
+//! - [`marker`]: the stable `capsync/...` error markers and how to read them back.
+//! - [`token`]: sturdy-ref tokens (`csy_` + 43 base64url chars) and their SHA-256 hashes.
+//! - [`uri`]: sturdy URIs, `capsync://HOST:PORT/TOKEN`, with a `Debug`/`Display` that never
+//!   shows the token.
+
+pub mod capsync_capnp {
+    #![allow(clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/capsync_capnp.rs"));
+}
+
+pub mod marker;
+pub mod token;
+pub mod uri;
+
+pub use marker::Marker;
+pub use token::{Token, TokenHash};
+pub use uri::SturdyUri;

@@ -1,0 +1,89 @@
+//! Sturdy URIs: `capsync://HOST:PORT/TOKEN`, the address and the secret in one string.
+
+use crate::token::{Token, TokenError};
+use std::fmt;
+
+pub const SCHEME: &str = "capsync://";
+
+/// A parsed sturdy URI. Formatting shows `capsync://HOST:PORT/csy_<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SturdyUri {
+    /// `HOST:PORT`, as given.
+    pub address: String,
+    pub token: Token,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UriError {
+    #[error("a sturdy URI looks like capsync://HOST:PORT/TOKEN")]
+    Shape,
+    #[error("the URI's address needs a host and a port")]
+    Address,
+    #[error("the URI's token is malformed: {0}")]
+    Token(#[from] TokenError),
+}
+
+impl SturdyUri {
+    pub fn new(address: impl Into<String>, token: Token) -> SturdyUri {
+        SturdyUri { address: address.into(), token }
+    }
+
+    pub fn parse(text: &str) -> Result<SturdyUri, UriError> {
+        let rest = text.trim().strip_prefix(SCHEME).ok_or(UriError::Shape)?;
+        let (address, token) = rest.split_once('/').ok_or(UriError::Shape)?;
+        let port_ok = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(UriError::Address);
+        }
+        Ok(SturdyUri { address: address.to_owned(), token: Token::parse(token)? })
+    }
+
+    /// The full URI with its secret, for the one place that must hand it to the user.
+    pub fn expose(&self) -> String {
+        format!("{SCHEME}{}/{}", self.address, self.token.expose())
+    }
+
+    /// The URI with the token redacted, safe for logs and status output.
+    pub fn redacted(&self) -> String {
+        format!("{SCHEME}{}/{}", self.address, self.token)
+    }
+}
+
+impl fmt::Debug for SturdyUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SturdyUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_redacts() {
+        let token = Token::generate();
+        let text = format!("capsync://127.0.0.1:7420/{}", token.expose());
+        let uri = SturdyUri::parse(&text).unwrap();
+        assert_eq!(uri.address, "127.0.0.1:7420");
+        assert_eq!(uri.expose(), text);
+        assert!(!format!("{uri} {uri:?}").contains(&token.expose()[4..]));
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let t = Token::generate();
+        let t = t.expose();
+        assert_eq!(SturdyUri::parse("http://x:1/a"), Err(UriError::Shape));
+        assert_eq!(SturdyUri::parse(&format!("capsync://nohost/{t}")), Err(UriError::Address));
+        assert_eq!(SturdyUri::parse(&format!("capsync://h:99999/{t}")), Err(UriError::Address));
+        assert!(matches!(SturdyUri::parse("capsync://h:1/csy_x"), Err(UriError::Token(_))));
+    }
+}
