@@ -1,0 +1,462 @@
+//! The server's database: sessions, shares, hashed tokens, the op log and the audit table.
+//!
+//! Reads go through [`ServerReader`] (one per reader thread); writes are methods on the
+//! writer's [`Txn`], so they only ever run on the writer thread inside its transaction.
+
+mod append;
+pub mod schema;
+
+pub use append::AppendError;
+
+use crate::migrate;
+use crate::model::*;
+use crate::writer::Txn;
+use crate::StorageError;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+
+/// What a token refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    Admin,
+    Session,
+    Share,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Admin => "admin",
+            TargetKind::Session => "session",
+            TargetKind::Share => "share",
+        }
+    }
+
+    fn parse(text: &str) -> Option<TargetKind> {
+        [TargetKind::Admin, TargetKind::Session, TargetKind::Share].into_iter().find(|k| k.name() == text)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    /// Internal row id; never leaves the server.
+    pub sid: i64,
+    pub id: String,
+    pub title: String,
+    pub epoch: u64,
+    pub cursor: u64,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareRow {
+    pub id: String,
+    pub sid: i64,
+    pub session_id: String,
+    pub parent_share_id: Option<String>,
+    /// The parent's (share's or session's) epoch when this share was minted.
+    pub parent_epoch: u64,
+    pub rights: Rights,
+    pub label: String,
+    pub epoch: u64,
+    pub created_at: u64,
+    /// Unix ms; 0 = never.
+    pub expires_at: u64,
+    /// Latest redeem of the share's token; 0 = never (filled by reads only).
+    pub last_used_at: u64,
+}
+
+/// A token as stored: the hash, never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub hash: [u8; 32],
+    pub target_kind: TargetKind,
+    pub target_id: String,
+    pub minted_epoch: u64,
+    pub rights: Rights,
+    pub parent: String,
+    pub label: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub last_used_at: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub action: String,
+    pub target_kind: String,
+    pub target_id: String,
+    pub session_id: String,
+    pub peer: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    pub id: u64,
+    pub at: u64,
+    pub event: AuditEvent,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub sessions: u64,
+    pub shares: u64,
+    pub ops: u64,
+}
+
+/// One page of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPage {
+    pub cursor: u64,
+    pub entities: Vec<Entity>,
+    pub more: bool,
+}
+
+/// Opens (creating if needed) the server database at `path` and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Connection, StorageError> {
+    let mut conn = Connection::open(path)?;
+    migrate::configure(&conn)?;
+    schema::PLAN.apply(&mut conn)?;
+    Ok(conn)
+}
+
+/// A read-only view for a reader thread.
+pub struct ServerReader {
+    conn: Connection,
+}
+
+const SESSION_COLUMNS: &str = "sid, id, title, epoch, cursor, created_at";
+const SHARE_COLUMNS: &str = "s.id, s.sid, x.id, s.parent_share_id, s.parent_epoch, s.rights, s.label, s.epoch,
+     s.created_at, s.expires_at,
+     (SELECT coalesce(max(last_used_at), 0) FROM tokens t WHERE t.target_kind = 'share' AND t.target_id = s.id)";
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        sid: r.get(0)?,
+        id: r.get(1)?,
+        title: r.get(2)?,
+        epoch: r.get::<_, i64>(3)? as u64,
+        cursor: r.get::<_, i64>(4)? as u64,
+        created_at: r.get::<_, i64>(5)? as u64,
+    })
+}
+
+fn share_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ShareRow> {
+    Ok(ShareRow {
+        id: r.get(0)?,
+        sid: r.get(1)?,
+        session_id: r.get(2)?,
+        parent_share_id: r.get(3)?,
+        parent_epoch: r.get::<_, i64>(4)? as u64,
+        rights: Rights::from_bits(r.get(5)?),
+        label: r.get(6)?,
+        epoch: r.get::<_, i64>(7)? as u64,
+        created_at: r.get::<_, i64>(8)? as u64,
+        expires_at: r.get::<_, i64>(9)? as u64,
+        last_used_at: r.get::<_, i64>(10)? as u64,
+    })
+}
+
+pub(crate) fn read_entity(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Entity> {
+    let code: i64 = r.get(at)?;
+    Ok(Entity {
+        kind: EntityKind::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(at, code))?,
+        id: r.get(at + 1)?,
+        parent_id: r.get(at + 2)?,
+        data: r.get(at + 3)?,
+    })
+}
+
+fn session_by(conn: &Connection, column: &str, value: &dyn rusqlite::ToSql) -> Result<Option<SessionRow>, StorageError> {
+    let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE {column} = ?1");
+    Ok(conn.prepare_cached(&sql)?.query_row([value], session_row).optional()?)
+}
+
+impl ServerReader {
+    pub fn open(path: &Path) -> Result<ServerReader, StorageError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(ServerReader { conn })
+    }
+
+    pub fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRow>, StorageError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT target_kind, target_id, minted_epoch, rights, parent, label, created_at,
+                        expires_at, last_used_at FROM tokens WHERE hash = ?1",
+            )?
+            .query_row([&hash[..]], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    TokenRow {
+                        hash: *hash,
+                        target_kind: TargetKind::Admin,
+                        target_id: r.get(1)?,
+                        minted_epoch: r.get::<_, i64>(2)? as u64,
+                        rights: Rights::from_bits(r.get(3)?),
+                        parent: r.get(4)?,
+                        label: r.get(5)?,
+                        created_at: r.get::<_, i64>(6)? as u64,
+                        expires_at: r.get::<_, i64>(7)? as u64,
+                        last_used_at: r.get::<_, i64>(8)? as u64,
+                    },
+                ))
+            })
+            .optional()?;
+        Ok(row.and_then(|(kind, mut token)| {
+            token.target_kind = TargetKind::parse(&kind)?;
+            Some(token)
+        }))
+    }
+
+    pub fn session(&self, id: &str) -> Result<Option<SessionRow>, StorageError> {
+        session_by(&self.conn, "id", &id)
+    }
+
+    pub fn share(&self, id: &str) -> Result<Option<ShareRow>, StorageError> {
+        let sql = format!("SELECT {SHARE_COLUMNS} FROM shares s JOIN sessions x ON x.sid = s.sid WHERE s.id = ?1");
+        Ok(self.conn.prepare_cached(&sql)?.query_row([id], share_row).optional()?)
+    }
+
+    pub fn admin_epoch(&self) -> Result<Option<u64>, StorageError> {
+        admin_epoch(&self.conn)
+    }
+
+    /// Up to `limit` entities ordered by (kind, id) after `after`, with the cursor they
+    /// reflect, read in one transaction.
+    pub fn snapshot_page(
+        &self,
+        sid: i64,
+        after: Option<(EntityKind, &str)>,
+        limit: u32,
+    ) -> Result<SnapshotPage, StorageError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let cursor: i64 = tx.prepare_cached("SELECT cursor FROM sessions WHERE sid = ?1")?.query_row([sid], |r| r.get(0))?;
+        let (kind, id) = after.map(|(k, id)| (k.code(), id)).unwrap_or((-1, ""));
+        let mut entities: Vec<Entity> = tx
+            .prepare_cached(
+                "SELECT kind, id, parent_id, data FROM entities
+                 WHERE sid = ?1 AND (kind, id) > (?2, ?3) ORDER BY kind, id LIMIT ?4",
+            )?
+            .query_map(params![sid, kind, id, limit as i64 + 1], |r| read_entity(r, 0))?
+            .collect::<Result<_, _>>()?;
+        let more = entities.len() > limit as usize;
+        entities.truncate(limit as usize);
+        tx.finish()?;
+        Ok(SnapshotPage { cursor: cursor as u64, entities, more })
+    }
+
+    /// Applied ops with seq > `after`, at most `limit`, and the session's cursor.
+    pub fn changes(&self, sid: i64, after: u64, limit: u32) -> Result<(Vec<LoggedOp>, u64), StorageError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let cursor: i64 = tx.prepare_cached("SELECT cursor FROM sessions WHERE sid = ?1")?.query_row([sid], |r| r.get(0))?;
+        let ops = tx
+            .prepare_cached(
+                "SELECT seq, op_id, is_delete, kind, entity_id, parent_id, data FROM ops
+                 WHERE sid = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?
+            .query_map(params![sid, after as i64, limit as i64], |r| {
+                let op_id: Vec<u8> = r.get(1)?;
+                let code: i64 = r.get(3)?;
+                let kind = EntityKind::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(3, code))?;
+                let id: String = r.get(4)?;
+                let body = if r.get::<_, bool>(2)? {
+                    OpBody::Delete { kind, id }
+                } else {
+                    OpBody::Put(Entity { kind, id, parent_id: r.get(5)?, data: r.get(6)? })
+                };
+                Ok(LoggedOp {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    op: Op { op_id: op_id.try_into().unwrap_or([0; 16]), body },
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        tx.finish()?;
+        Ok((ops, cursor as u64))
+    }
+
+    /// Every session with the number of shares it has.
+    pub fn list_sessions(&self) -> Result<Vec<(SessionRow, u32)>, StorageError> {
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS}, (SELECT count(*) FROM shares s WHERE s.sid = sessions.sid)
+             FROM sessions ORDER BY created_at, id"
+        );
+        let rows = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_map([], |r| Ok((session_row(r)?, r.get::<_, i64>(6)? as u32)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Shares of one session (by id), or of all sessions.
+    pub fn list_shares(&self, session_id: Option<&str>) -> Result<Vec<ShareRow>, StorageError> {
+        let sql = format!(
+            "SELECT {SHARE_COLUMNS} FROM shares s JOIN sessions x ON x.sid = s.sid
+             WHERE ?1 IS NULL OR x.id = ?1 ORDER BY s.created_at, s.id"
+        );
+        let rows = self.conn.prepare_cached(&sql)?.query_map([session_id], share_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn audit(&self, since: u64, limit: u32) -> Result<Vec<AuditRow>, StorageError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT id, at, action, target_kind, target_id, session_id, peer, detail FROM audit
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![since as i64, limit as i64], |r| {
+                Ok(AuditRow {
+                    id: r.get::<_, i64>(0)? as u64,
+                    at: r.get::<_, i64>(1)? as u64,
+                    event: AuditEvent {
+                        action: r.get(2)?,
+                        target_kind: r.get(3)?,
+                        target_id: r.get(4)?,
+                        session_id: r.get(5)?,
+                        peer: r.get(6)?,
+                        detail: r.get(7)?,
+                    },
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn stats(&self) -> Result<StoreStats, StorageError> {
+        Ok(self.conn.prepare_cached(
+            "SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM shares),
+                    (SELECT coalesce(sum(cursor), 0) FROM sessions)",
+        )?
+        .query_row([], |r| {
+            Ok(StoreStats {
+                sessions: r.get::<_, i64>(0)? as u64,
+                shares: r.get::<_, i64>(1)? as u64,
+                ops: r.get::<_, i64>(2)? as u64,
+            })
+        })?)
+    }
+}
+
+fn admin_epoch(conn: &Connection) -> Result<Option<u64>, StorageError> {
+    Ok(conn
+        .prepare_cached("SELECT epoch FROM admin WHERE id = 1")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(|e| e as u64))
+}
+
+/// Writes; they run on the writer thread inside its group transaction.
+impl Txn<'_> {
+    pub fn session(&self, id: &str) -> Result<Option<SessionRow>, StorageError> {
+        session_by(self.conn, "id", &id)
+    }
+
+    pub fn create_session(&self, id: &str, title: &str, now: u64) -> Result<i64, StorageError> {
+        self.conn
+            .prepare_cached("INSERT INTO sessions (id, title, created_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![id, title, now as i64])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn insert_share(&self, share: &ShareRow) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO shares (id, sid, parent_share_id, parent_epoch, rights, label, epoch,
+                                     created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                share.id,
+                share.sid,
+                share.parent_share_id,
+                share.parent_epoch as i64,
+                share.rights.bits(),
+                share.label,
+                share.epoch as i64,
+                share.created_at as i64,
+                share.expires_at as i64
+            ])?;
+        Ok(())
+    }
+
+    pub fn insert_token(&self, token: &TokenRow) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent,
+                                     label, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                &token.hash[..],
+                token.target_kind.name(),
+                token.target_id,
+                token.minted_epoch as i64,
+                token.rights.bits(),
+                token.parent,
+                token.label,
+                token.created_at as i64,
+                token.expires_at as i64
+            ])?;
+        Ok(())
+    }
+
+    pub fn touch_token(&self, hash: &[u8; 32], now: u64) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE hash = ?1")?
+            .execute(params![&hash[..], now as i64])?;
+        Ok(())
+    }
+
+    /// Bumps a share's epoch; `None` if there is no such share.
+    pub fn bump_share_epoch(&self, id: &str) -> Result<Option<u64>, StorageError> {
+        self.bump("UPDATE shares SET epoch = epoch + 1 WHERE id = ?1 RETURNING epoch", id)
+    }
+
+    /// Bumps a session's epoch; `None` if there is no such session.
+    pub fn bump_session_epoch(&self, id: &str) -> Result<Option<u64>, StorageError> {
+        self.bump("UPDATE sessions SET epoch = epoch + 1 WHERE id = ?1 RETURNING epoch", id)
+    }
+
+    fn bump(&self, sql: &str, id: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self.conn.prepare_cached(sql)?.query_row([id], |r| r.get::<_, i64>(0)).optional()?.map(|e| e as u64))
+    }
+
+    pub fn admin_epoch(&self) -> Result<Option<u64>, StorageError> {
+        admin_epoch(self.conn)
+    }
+
+    /// Creates the admin object at epoch 0, or bumps its epoch (invalidating every admin token
+    /// minted before); returns the epoch now in force.
+    pub fn renew_admin(&self) -> Result<u64, StorageError> {
+        self.conn.execute(
+            "INSERT INTO admin (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET epoch = epoch + 1",
+            [],
+        )?;
+        Ok(admin_epoch(self.conn)?.unwrap_or(0))
+    }
+
+    pub fn audit(&self, event: &AuditEvent, now: u64) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (at, action, target_kind, target_id, session_id, peer, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                now as i64,
+                event.action,
+                event.target_kind,
+                event.target_id,
+                event.session_id,
+                event.peer,
+                event.detail
+            ])?;
+        Ok(())
+    }
+}
