@@ -1,0 +1,43 @@
+//! The capsync sync server: sessions and shares served only as Cap'n Proto capabilities,
+//! sturdy refs with epoch revocation, durable at-most-once appends, and reads.
+//!
+//! Start it with [`run`] inside a tokio `LocalSet` (capnp-rpc objects are `!Send`), passing
+//! the shutdown signal as a future:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), capsync_server::ServerError> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let config = capsync_server::ServerConfig::new("./capsync-data");
+//! capsync_server::run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`listener`]: the accept loop, the connection limit and one `RpcSystem` per connection.
+//! - [`gateway`]: `Gateway.redeem`, from token to live capability, and the shared state.
+//! - [`session`]: `Session` and `Share` (one implementation, limited by rights).
+//! - [`admin`]: `Admin`: sessions, shares, revocation, audit, stats.
+//! - [`access`]: a grant's rights, expiry and epoch chain, checked on every call.
+//! - [`registry`]: in-memory epoch cells that revocation bumps.
+//! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
+//! - [`convert`]: wire structs to storage model and back, with per-op validation.
+//! - [`bootstrap`]: `<data-dir>/admin.uri`.
+//! - [`config`]: settings and limits.
+//! - [`error`]: [`ServerError`] and its one mapping to `capsync/...` markers.
+
+pub mod access;
+pub mod admin;
+pub mod bootstrap;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod gateway;
+pub mod listener;
+pub mod registry;
+pub mod session;
+pub mod store;
+
+pub use config::{Limits, ServerConfig};
+pub use error::ServerError;
+pub use listener::{run, serve_blocking};

@@ -1,0 +1,108 @@
+//! One Cap'n Proto connection to a capsync server.
+
+use crate::error::{ClientError, Result};
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsync_schema::capsync_capnp::{admin, gateway, session};
+use capnp::capability::FromClientHook;
+use capsync_persistence::Rights;
+use capsync_schema::capsync_capnp::grant;
+use capsync_schema::Token;
+use futures::future::LocalBoxFuture;
+
+/// Resolves to what a redeem granted, once its answer arrives.
+pub type Redeemed = LocalBoxFuture<'static, Result<GrantInfo>>;
+
+/// The descriptive half of a `Grant`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantInfo {
+    pub kind: String,
+    pub id: String,
+    pub session_id: String,
+    pub rights: Rights,
+    pub epoch: u64,
+    pub expires_at: u64,
+}
+
+impl GrantInfo {
+    fn read(grant: grant::Reader<'_>) -> capnp::Result<GrantInfo> {
+        let rights = grant.get_rights()?;
+        Ok(GrantInfo {
+            kind: grant.get_kind()?.to_string()?,
+            id: grant.get_id()?.to_string()?,
+            session_id: grant.get_session_id()?.to_string()?,
+            rights: Rights { read: rights.get_read(), append: rights.get_append(), mint: rights.get_mint() },
+            epoch: grant.get_epoch(),
+            expires_at: grant.get_expires_at(),
+        })
+    }
+}
+use tokio_util::compat::{TokioAsyncReadCompatExt as _, TokioAsyncWriteCompatExt as _};
+
+/// A live connection: the server's `Gateway` and the RPC system driving it on the current
+/// `LocalSet`. Dropping it closes the connection.
+pub struct Connection {
+    pub gateway: gateway::Client,
+    disconnector: Option<capnp_rpc::Disconnector<twoparty::VatId>>,
+}
+
+impl Connection {
+    /// Dials `address` (`HOST:PORT`). Must be called inside a tokio `LocalSet`.
+    pub async fn open(address: &str) -> Result<Connection> {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|source| ClientError::Connect { address: address.to_owned(), source })?;
+        stream.set_nodelay(true).map_err(|source| ClientError::Connect { address: address.to_owned(), source })?;
+        let (reader, writer) = stream.into_split();
+        let network = twoparty::VatNetwork::new(
+            reader.compat(),
+            writer.compat_write(),
+            Side::Client,
+            capnp::message::ReaderOptions::new(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let gateway: gateway::Client = rpc.bootstrap(Side::Server);
+        let disconnector = rpc.get_disconnector();
+        tokio::task::spawn_local(async move {
+            if let Err(err) = rpc.await {
+                tracing::debug!(error = %err, "connection ended");
+            }
+        });
+        Ok(Connection { gateway, disconnector: Some(disconnector) })
+    }
+
+    /// A session capability from `token`, pipelined: calls on it are sent without waiting
+    /// for the redeem's answer. A share's capability works here too: Share extends Session,
+    /// and `Grant.cap`'s members share one pointer slot. The returned future yields the grant
+    /// (or the redeem's refusal).
+    pub fn session(&self, token: &Token) -> (session::Client, Redeemed) {
+        self.redeem(token)
+    }
+
+    /// The admin capability from `token`, pipelined.
+    pub fn admin(&self, token: &Token) -> (admin::Client, Redeemed) {
+        self.redeem(token)
+    }
+
+    fn redeem<C: FromClientHook>(&self, token: &Token) -> (C, Redeemed) {
+        let mut request = self.gateway.redeem_request();
+        request.get().set_token(token.expose());
+        // capnpc-rust generates no pipeline accessors for union members, so walk the typeless
+        // pipeline: results.grant (pointer 0), then Grant.cap's shared slot (pointer 0).
+        let capnp::capability::RemotePromise { promise, pipeline } = request.hook.send();
+        let cap = C::new(pipeline.get_pointer_field(0).get_pointer_field(0).as_cap());
+        let grant = Box::pin(async move {
+            let response = promise.await?;
+            let results: gateway::redeem_results::Reader<'_> = response.get()?.get_as()?;
+            Ok(GrantInfo::read(results.get_grant()?)?)
+        });
+        (cap, grant)
+    }
+
+    /// Closes the connection politely and waits until it is closed.
+    pub async fn close(mut self) {
+        if let Some(disconnector) = self.disconnector.take() {
+            let _ = disconnector.await;
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The client's error type.
+
+use capsync_schema::marker::{self, Marker};
+use capsync_schema::uri::UriError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach {address}")]
+    Connect { address: String, #[source] source: std::io::Error },
+    #[error("{0}")]
+    Uri(#[from] UriError),
+    /// The server answered with an exception; `marker` says which kind when it has one.
+    #[error("{}", describe(.0))]
+    Rpc(capnp::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] capsync_persistence::StorageError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The server's own words: from its marker on, without capnp-rpc's "remote exception" prefix.
+fn describe(err: &capnp::Error) -> String {
+    match (err.kind, err.extra.find("capsync/")) {
+        (_, Some(at)) => err.extra[at..].to_owned(),
+        (capnp::ErrorKind::Disconnected, None) => format!("disconnected: {}", err.extra),
+        _ => err.extra.clone(),
+    }
+}
+
+impl From<capnp::Error> for ClientError {
+    fn from(err: capnp::Error) -> ClientError {
+        ClientError::Rpc(err)
+    }
+}
+
+impl ClientError {
+    /// The `capsync/...` marker of a server refusal, if this is one.
+    pub fn marker(&self) -> Option<Marker> {
+        match self {
+            ClientError::Rpc(err) => marker::of_error(err),
+            _ => None,
+        }
+    }
+
+    /// Whether reconnecting may help: the connection failed or dropped, or the server is
+    /// overloaded or failed internally. Refusals such as revoked or denied are final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } => true,
+            ClientError::Rpc(err) => match marker::of_error(err) {
+                Some(m) => matches!(m, Marker::Overloaded | Marker::Internal),
+                None => matches!(err.kind, capnp::ErrorKind::Disconnected | capnp::ErrorKind::Overloaded),
+            },
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,109 @@
+//! What a live capability may do, and the check every call makes before it runs.
+
+use crate::error::{Result, ServerError};
+use crate::registry::{EpochLink, EpochRegistry, ObjectKey};
+use crate::store::{now_ms, Admit, Resolution};
+use capsync_persistence::server::TargetKind;
+use capsync_persistence::Rights;
+
+/// A granted capability's identity, rights, expiry and epoch chain.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub kind: TargetKind,
+    /// Session id, share id, or "admin".
+    pub id: String,
+    /// Empty for admin.
+    pub session_id: String,
+    /// The session's internal row id (0 for admin).
+    pub sid: i64,
+    pub rights: Rights,
+    /// Unix ms; 0 = never.
+    pub expires_at: u64,
+    /// The target's own link first, then its parents' up to the session.
+    pub chain: Vec<EpochLink>,
+}
+
+impl Access {
+    /// Judges a resolved token: builds its chain from the registry's cells and checks it.
+    /// A chain whose stored rows disagree with the token is reported as revoked; a missing
+    /// row as an unknown token.
+    pub fn from_resolution(res: &Resolution, registry: &EpochRegistry) -> Result<Access> {
+        let token = &res.token;
+        let (id, session, rights, chain) = match token.target_kind {
+            TargetKind::Admin => {
+                let epoch = res.admin_epoch.ok_or(ServerError::UnknownToken)?;
+                let link = EpochLink { cell: registry.cell(ObjectKey::Admin, epoch), expected: token.minted_epoch };
+                ("admin".to_owned(), None, Rights::default(), vec![link])
+            }
+            TargetKind::Session => {
+                let session = res.session.as_ref().ok_or(ServerError::UnknownToken)?;
+                let link = EpochLink {
+                    cell: registry.cell(ObjectKey::Session(session.id.clone()), session.epoch),
+                    expected: token.minted_epoch,
+                };
+                (session.id.clone(), Some(session), token.rights, vec![link])
+            }
+            TargetKind::Share => {
+                let session = res.session.as_ref().ok_or(ServerError::UnknownToken)?;
+                let target = res.shares.first().ok_or(ServerError::UnknownToken)?;
+                let mut chain = Vec::with_capacity(res.shares.len() + 1);
+                let mut expected = token.minted_epoch;
+                for share in &res.shares {
+                    let cell = registry.cell(ObjectKey::Share(share.id.clone()), share.epoch);
+                    chain.push(EpochLink { cell, expected });
+                    expected = share.parent_epoch;
+                }
+                let cell = registry.cell(ObjectKey::Session(session.id.clone()), session.epoch);
+                chain.push(EpochLink { cell, expected });
+                (target.id.clone(), Some(session), target.rights, chain)
+            }
+        };
+        let access = Access {
+            kind: token.target_kind,
+            id,
+            session_id: session.map(|s| s.id.clone()).unwrap_or_default(),
+            sid: session.map(|s| s.sid).unwrap_or(0),
+            rights,
+            expires_at: token.expires_at,
+            chain,
+        };
+        access.check()?;
+        Ok(access)
+    }
+
+    /// One comparison per link and a clock read: no database access.
+    pub fn check(&self) -> Result<()> {
+        check(&self.chain, self.expires_at)
+    }
+
+    pub fn require(&self, needed: Rights, what: &str) -> Result<()> {
+        self.check()?;
+        if needed.is_subset_of(self.rights) {
+            Ok(())
+        } else {
+            Err(ServerError::Denied(format!("{what} needs the {} right; this capability has [{}]", needed.names(), self.rights.names())))
+        }
+    }
+
+    /// The same check, to run on the writer thread right before a write applies.
+    pub fn admit(&self) -> Admit {
+        let chain = self.chain.clone();
+        let expires_at = self.expires_at;
+        Box::new(move || check(&chain, expires_at))
+    }
+
+    /// The epoch of the target object this capability was granted under.
+    pub fn epoch(&self) -> u64 {
+        self.chain.first().map(|l| l.expected).unwrap_or(0)
+    }
+}
+
+fn check(chain: &[EpochLink], expires_at: u64) -> Result<()> {
+    if !chain.iter().all(EpochLink::holds) {
+        return Err(ServerError::Revoked);
+    }
+    if expires_at != 0 && now_ms() >= expires_at {
+        return Err(ServerError::Expired);
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Server settings and limits, with the defaults `capsync serve` uses.
+
+use std::path::PathBuf;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Holds `capsync.db` (SQLite, WAL) and `admin.uri`.
+    pub data_dir: PathBuf,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    pub reader_threads: usize,
+    pub limits: Limits,
+}
+
+/// Limits on what one request may carry (DESIGN §9).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Cap'n Proto reader traversal limit per message, in 8-byte words (bounds message size).
+    pub traversal_limit_words: usize,
+    pub nesting_limit: i32,
+    pub max_batch_ops: usize,
+    pub max_batch_bytes: usize,
+    /// Size of one entity's `data`.
+    pub max_data_bytes: usize,
+    /// Length of an entity id or parent id.
+    pub max_id_bytes: usize,
+    /// Entities or ops one `snapshot`/`changes` page returns at most.
+    pub max_page_items: u32,
+    /// Bytes of entity data one page returns at most (a page always holds at least one item).
+    pub max_page_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            traversal_limit_words: 8 * 1024 * 1024, // 64 MiB
+            nesting_limit: 16,
+            max_batch_ops: 10_000,
+            max_batch_bytes: 32 * 1024 * 1024,
+            max_data_bytes: 1024 * 1024,
+            max_id_bytes: 256,
+            max_page_items: 5_000,
+            max_page_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default() }
+    }
+}

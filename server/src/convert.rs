@@ -1,0 +1,184 @@
+//! Between the wire structs and the storage model, with the validation that needs no
+//! database. Anything wrong with one op makes that op `rejected`; anything wrong with the
+//! batch as a whole fails the call.
+
+use crate::config::Limits;
+use crate::error::{Result, ServerError};
+use capsync_persistence::server::ShareRow;
+use capsync_persistence::*;
+use capsync_schema::capsync_capnp::{
+    applied_op, entity, entity_key, op, op_result, rights, share_summary, session_summary, EntityKind as WireKind,
+};
+use capsync_persistence::server::SessionRow;
+
+pub fn rights_from(reader: rights::Reader<'_>) -> Rights {
+    Rights { read: reader.get_read(), append: reader.get_append(), mint: reader.get_mint() }
+}
+
+pub fn set_rights(mut builder: rights::Builder<'_>, rights: Rights) {
+    builder.set_read(rights.read);
+    builder.set_append(rights.append);
+    builder.set_mint(rights.mint);
+}
+
+pub fn kind_from(kind: WireKind) -> EntityKind {
+    match kind {
+        WireKind::Session => EntityKind::Session,
+        WireKind::Message => EntityKind::Message,
+        WireKind::Part => EntityKind::Part,
+        WireKind::Diff => EntityKind::Diff,
+        WireKind::Model => EntityKind::Model,
+    }
+}
+
+pub fn kind_to(kind: EntityKind) -> WireKind {
+    match kind {
+        EntityKind::Session => WireKind::Session,
+        EntityKind::Message => WireKind::Message,
+        EntityKind::Part => WireKind::Part,
+        EntityKind::Diff => WireKind::Diff,
+        EntityKind::Model => WireKind::Model,
+    }
+}
+
+/// Reads and validates a batch. Fails the call only for what concerns the whole batch.
+pub fn batch(reader: capsync_schema::capsync_capnp::batch::Reader<'_>, limits: &Limits) -> Result<IncomingBatch> {
+    let client_id: Id16 = reader
+        .get_client_id()?
+        .try_into()
+        .map_err(|_| ServerError::Invalid("clientId must be 16 bytes".into()))?;
+    let ops = reader.get_ops()?;
+    if ops.len() as usize > limits.max_batch_ops {
+        return Err(ServerError::TooLarge(format!(
+            "a batch holds at most {} ops; this one has {}",
+            limits.max_batch_ops,
+            ops.len()
+        )));
+    }
+    let mut incoming = Vec::with_capacity(ops.len() as usize);
+    let mut bytes = 0usize;
+    for op in ops.iter() {
+        let op_id = op.get_op_id().map(|id| id.to_vec()).unwrap_or_default();
+        let body = op_body(op, limits);
+        if let Ok(OpBody::Put(e)) = &body {
+            bytes += e.data.len() + e.id.len() + e.parent_id.len();
+        }
+        let body = if op_id.len() == 16 { body } else { Err("opId must be 16 bytes".into()) };
+        incoming.push(IncomingOp { op_id, body });
+    }
+    if bytes > limits.max_batch_bytes {
+        return Err(ServerError::TooLarge(format!(
+            "a batch carries at most {} bytes of entities; this one has {bytes}",
+            limits.max_batch_bytes
+        )));
+    }
+    Ok(IncomingBatch { client_id, batch_seq: reader.get_batch_seq(), ops: incoming })
+}
+
+fn op_body(op: op::Reader<'_>, limits: &Limits) -> std::result::Result<OpBody, String> {
+    let malformed = |e: capnp::Error| format!("malformed op: {}", e.extra);
+    match op.which().map_err(|_| "unknown op type".to_owned())? {
+        op::Put(entity) => Ok(OpBody::Put(entity_from(entity.map_err(malformed)?, limits)?)),
+        op::Delete(key) => {
+            let (kind, id) = key_from(key.map_err(malformed)?, limits)?;
+            Ok(OpBody::Delete { kind, id })
+        }
+    }
+}
+
+fn text_field(text: capnp::Result<capnp::text::Reader<'_>>, what: &str, max: usize) -> std::result::Result<String, String> {
+    let text = text.map_err(|e| format!("malformed {what}: {}", e.extra))?;
+    let text = text.to_str().map_err(|_| format!("{what} is not valid UTF-8"))?;
+    if text.len() > max {
+        return Err(format!("{what} is longer than {max} bytes"));
+    }
+    Ok(text.to_owned())
+}
+
+fn entity_id(text: capnp::Result<capnp::text::Reader<'_>>, limits: &Limits) -> std::result::Result<String, String> {
+    let id = text_field(text, "id", limits.max_id_bytes)?;
+    if id.is_empty() {
+        return Err("id must not be empty".into());
+    }
+    Ok(id)
+}
+
+fn key_from(key: entity_key::Reader<'_>, limits: &Limits) -> std::result::Result<(EntityKind, String), String> {
+    let kind = key.get_kind().map_err(|_| "unknown entity kind".to_owned())?;
+    Ok((kind_from(kind), entity_id(key.get_id(), limits)?))
+}
+
+fn entity_from(e: entity::Reader<'_>, limits: &Limits) -> std::result::Result<Entity, String> {
+    let kind = kind_from(e.get_kind().map_err(|_| "unknown entity kind".to_owned())?);
+    let id = entity_id(e.get_id(), limits)?;
+    let parent_id = text_field(e.get_parent_id(), "parentId", limits.max_id_bytes)?;
+    let data = e.get_data().map_err(|e| format!("malformed data: {}", e.extra))?;
+    if data.len() > limits.max_data_bytes {
+        return Err(format!("too large: data is {} bytes; the limit is {}", data.len(), limits.max_data_bytes));
+    }
+    if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
+        return Err("data is not valid UTF-8 JSON".into());
+    }
+    Ok(Entity { kind, id, parent_id, data: data.to_vec() })
+}
+
+pub fn set_entity(mut b: entity::Builder<'_>, e: &Entity) {
+    b.set_kind(kind_to(e.kind));
+    b.set_id(e.id.as_str());
+    b.set_parent_id(e.parent_id.as_str());
+    b.set_data(&e.data);
+}
+
+pub fn set_applied_op(mut b: applied_op::Builder<'_>, logged: &LoggedOp) {
+    b.set_seq(logged.seq);
+    let mut op = b.init_op();
+    op.set_op_id(&logged.op.op_id);
+    match &logged.op.body {
+        OpBody::Put(e) => set_entity(op.init_put(), e),
+        OpBody::Delete { kind, id } => {
+            let mut key = op.init_delete();
+            key.set_kind(kind_to(*kind));
+            key.set_id(id.as_str());
+        }
+    }
+}
+
+pub fn set_ack(mut b: capsync_schema::capsync_capnp::ack::Builder<'_>, ack: &BatchAck) {
+    b.set_cursor(ack.cursor);
+    b.set_batch_seq(ack.batch_seq);
+    let mut list = b.init_results(ack.results.len() as u32);
+    for (i, r) in ack.results.iter().enumerate() {
+        let mut out = list.reborrow().get(i as u32);
+        out.set_op_id(&r.op_id);
+        out.set_status(match r.status {
+            OpStatus::Applied => op_result::Status::Applied,
+            OpStatus::Duplicate => op_result::Status::Duplicate,
+            OpStatus::Conflict => op_result::Status::Conflict,
+            OpStatus::Rejected => op_result::Status::Rejected,
+        });
+        out.set_seq(r.seq);
+        out.set_reason(r.reason.as_str());
+    }
+}
+
+pub fn set_session_summary(mut b: session_summary::Builder<'_>, s: &SessionRow, shares: u32) {
+    b.set_session_id(s.id.as_str());
+    b.set_title(s.title.as_str());
+    b.set_cursor(s.cursor);
+    b.set_epoch(s.epoch);
+    b.set_created_at(s.created_at);
+    b.set_share_count(shares);
+}
+
+pub fn set_share_summary(mut b: share_summary::Builder<'_>, s: &ShareRow, revoked: bool) {
+    b.set_share_id(s.id.as_str());
+    b.set_session_id(s.session_id.as_str());
+    b.set_parent_share_id(s.parent_share_id.as_deref().unwrap_or(""));
+    b.set_label(s.label.as_str());
+    set_rights(b.reborrow().init_rights(), s.rights);
+    b.set_epoch(s.epoch);
+    b.set_revoked(revoked);
+    b.set_created_at(s.created_at);
+    b.set_expires_at(s.expires_at);
+    b.set_last_used_at(s.last_used_at);
+}

@@ -1,0 +1,141 @@
+//! The accept loop and the per-connection RPC system.
+
+use crate::bootstrap;
+use crate::config::ServerConfig;
+use crate::error::Result;
+use crate::gateway::{Connection, GatewayImpl, Shared};
+use crate::registry::EpochRegistry;
+use crate::store::{SqliteStore, Store};
+use capnp::message::ReaderOptions;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use capnp_rpc::{twoparty, RpcSystem};
+use capsync_schema::capsync_capnp::gateway;
+use std::cell::Cell;
+use std::future::Future;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::compat::{TokioAsyncReadCompatExt as _, TokioAsyncWriteCompatExt as _};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, instrument, warn};
+
+/// Serves capsync on `listener` until `shutdown` completes, then stops accepting, closes every
+/// connection, and returns once every queued write has committed.
+///
+/// Must run inside a [`tokio::task::LocalSet`]: capnp-rpc objects are `!Send`.
+pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir)?;
+    let store: Rc<dyn Store> = Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads)?);
+    let registry = Arc::new(EpochRegistry::default());
+    let local = listener.local_addr()?;
+    bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local).await?;
+    let shared = Rc::new(Shared {
+        store: store.clone(),
+        registry,
+        limits: config.limits.clone(),
+        connections: Cell::new(0),
+        live_capabilities: Cell::new(0),
+        subscriptions: Cell::new(0),
+    });
+    info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
+
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let (closing_tx, closing) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let shared = shared.clone();
+        let closing = closing.clone();
+        let options = reader_options(&config);
+        tracker.spawn_local(async move {
+            serve_connection(stream, peer.to_string(), shared, options, closing).await;
+            drop(permit);
+        });
+    }
+
+    info!("shutting down: closing connections, finishing commits");
+    drop(listener);
+    let _ = closing_tx.send(true);
+    tracker.close();
+    tracker.wait().await;
+    store.shutdown();
+    info!("shut down");
+    Ok(())
+}
+
+fn reader_options(config: &ServerConfig) -> ReaderOptions {
+    let mut options = ReaderOptions::new();
+    options.traversal_limit_in_words(Some(config.limits.traversal_limit_words));
+    options.nesting_limit(config.limits.nesting_limit);
+    options
+}
+
+#[instrument(skip_all, fields(peer = %peer))]
+async fn serve_connection(
+    stream: TcpStream,
+    peer: String,
+    shared: Rc<Shared>,
+    options: ReaderOptions,
+    mut closing: watch::Receiver<bool>,
+) {
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(error = %err, "set_nodelay failed");
+    }
+    shared.connections.set(shared.connections.get() + 1);
+    debug!("connection opened");
+    let (reader, writer) = stream.into_split();
+    let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), Side::Server, options);
+    let conn = Rc::new(Connection { shared: shared.clone(), peer });
+    let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(conn));
+    let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+    tokio::select! {
+        outcome = rpc => match outcome {
+            Ok(()) => debug!("connection closed"),
+            Err(err) => debug!(error = %err, "connection ended"),
+        },
+        _ = closing.wait_for(|closing| *closing) => debug!("connection closed for shutdown"),
+    }
+    shared.connections.set(shared.connections.get().saturating_sub(1));
+}
+
+/// Runs [`run`] on a fresh single-threaded runtime and `LocalSet`; for the binary.
+pub fn serve_blocking(listen: &str, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = TcpListener::bind(listen).await?;
+        announce(&listener)?;
+        run(listener, config, shutdown).await
+    })
+}
+
+/// Prints the bound address on stdout, so scripts and tests using port 0 learn the port.
+fn announce(listener: &TcpListener) -> Result<()> {
+    use std::io::Write as _;
+    let addr = listener.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "capsync listening on {addr}")?;
+    out.flush()?;
+    if addr.ip().is_unspecified() {
+        error!("listening on every interface without TLS: tokens cross the network in clear text");
+    }
+    Ok(())
+}

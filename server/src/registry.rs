@@ -1,0 +1,53 @@
+//! In-memory epoch cells, shared by every live capability and the revocation path.
+//!
+//! A live capability remembers, for each object up its chain (share → parent shares →
+//! session, or the admin object), the cell of that object and the epoch it was granted
+//! under. Revocation bumps the cell after its transaction commits, so the next call on any
+//! connection fails with one comparison per link, without a database read.
+//!
+//! Cells only grow (`fetch_max`): a redeem that read an older epoch from the database before a
+//! revocation bumped the cell can never lower it again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectKey {
+    Admin,
+    Session(String),
+    Share(String),
+}
+
+#[derive(Default)]
+pub struct EpochRegistry {
+    cells: Mutex<HashMap<ObjectKey, Arc<AtomicU64>>>,
+}
+
+/// One link of a capability's chain: the object's cell and the epoch the grant needs.
+#[derive(Clone, Debug)]
+pub struct EpochLink {
+    pub cell: Arc<AtomicU64>,
+    pub expected: u64,
+}
+
+impl EpochLink {
+    pub fn holds(&self) -> bool {
+        self.cell.load(Ordering::Acquire) == self.expected
+    }
+}
+
+impl EpochRegistry {
+    /// The cell of `key`, raised to at least `observed` (an epoch just read from the database).
+    pub fn cell(&self, key: ObjectKey, observed: u64) -> Arc<AtomicU64> {
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        let cell = cells.entry(key).or_insert_with(|| Arc::new(AtomicU64::new(observed)));
+        cell.fetch_max(observed, Ordering::AcqRel);
+        Arc::clone(cell)
+    }
+
+    /// Records a committed revocation: every link expecting an older epoch stops holding.
+    pub fn bump(&self, key: ObjectKey, epoch: u64) {
+        self.cell(key, epoch);
+    }
+}

@@ -1,0 +1,253 @@
+//! `Session` and `Share`: one implementation serves both, limited by the grant's rights.
+//!
+//! Every method first checks the capability's epoch chain and expiry (no database read), so a
+//! revocation committed on any connection fails the next call here with `capsync/revoked`.
+//! Calls still in flight when it lands are checked again before they answer, so they fail
+//! rather than complete.
+
+use crate::access::Access;
+use crate::convert;
+use crate::error::{Result, ServerError};
+use crate::gateway::Connection;
+use crate::store::now_ms;
+use capsync_persistence::server::{ShareRow, TargetKind, TokenRow};
+use capsync_persistence::Rights;
+use capsync_schema::capsync_capnp::{session, share};
+use capsync_schema::Token;
+use std::future::Future;
+use std::rc::Rc;
+use tracing::{debug, warn};
+
+pub struct SessionImpl {
+    access: Access,
+    conn: Rc<Connection>,
+}
+
+const READ: Rights = Rights { read: true, append: false, mint: false };
+const APPEND: Rights = Rights { read: false, append: true, mint: false };
+const MINT: Rights = Rights { read: false, append: false, mint: true };
+
+impl SessionImpl {
+    pub fn new(access: Access, conn: Rc<Connection>) -> SessionImpl {
+        let live = &conn.shared.live_capabilities;
+        live.set(live.get() + 1);
+        SessionImpl { access, conn }
+    }
+
+    /// Checks rights; a refusal (not a revocation) is audited as `denied`.
+    fn require(&self, needed: Rights, what: &str) -> Result<()> {
+        let result = self.access.require(needed, what);
+        if let Err(ServerError::Denied(reason)) = &result {
+            warn!(peer = %self.conn.peer, share = %self.access.id, method = what, "denied");
+            self.conn.shared.store.audit(self.conn.event("denied", Some(&self.access), reason.clone()));
+        }
+        result
+    }
+
+    fn page_limit(&self, asked: u32) -> u32 {
+        let max = self.conn.shared.limits.max_page_items;
+        if asked == 0 { max } else { asked.min(max) }
+    }
+
+    /// Where a share minted here expires: never later than this capability.
+    fn child_expiry(&self, ttl_seconds: u64) -> Result<u64> {
+        let parent = self.access.expires_at;
+        if ttl_seconds == 0 {
+            return Ok(parent);
+        }
+        let wanted = now_ms().saturating_add(ttl_seconds.saturating_mul(1000));
+        if parent != 0 && wanted > parent {
+            return Err(ServerError::Denied(
+                "a share cannot outlive the capability it is minted from; ask for a shorter ttl".into(),
+            ));
+        }
+        Ok(wanted)
+    }
+}
+
+impl Drop for SessionImpl {
+    fn drop(&mut self) {
+        let live = &self.conn.shared.live_capabilities;
+        live.set(live.get().saturating_sub(1));
+    }
+}
+
+impl share::Server for SessionImpl {}
+
+impl session::Server for SessionImpl {
+    /// The batch is queued to the writer before this returns its future, so batches on one
+    /// capability are applied in the order their calls arrived.
+    fn append(
+        self: Rc<Self>,
+        params: session::AppendParams,
+        mut results: session::AppendResults,
+    ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
+        let submitted = (|| -> Result<_> {
+            self.require(APPEND, "append")?;
+            let batch = convert::batch(params.get()?.get_batch()?, &self.conn.shared.limits)?;
+            debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
+            let store = &self.conn.shared.store;
+            Ok(store.append(self.access.sid, self.access.session_id.clone(), batch, self.access.admit()))
+        })();
+        async move {
+            let ack = submitted?.await?;
+            self.access.check()?;
+            convert::set_ack(results.get().init_ack(), &ack);
+            Ok(())
+        }
+    }
+
+    async fn snapshot(self: Rc<Self>, params: session::SnapshotParams, mut results: session::SnapshotResults) -> Result<(), capnp::Error> {
+        self.require(READ, "snapshot")?;
+        let params = params.get()?;
+        let after = if params.has_start_after() {
+            let key = params.get_start_after()?;
+            let kind = key.get_kind().map_err(|_| ServerError::Invalid("unknown entity kind in startAfter".into()))?;
+            let id = key.get_id()?.to_str().map_err(|_| ServerError::Invalid("startAfter id is not UTF-8".into()))?;
+            Some((convert::kind_from(kind), id.to_owned()))
+        } else {
+            None
+        };
+        let limit = self.page_limit(params.get_limit());
+        let mut page = self.conn.shared.store.snapshot_page(self.access.sid, after, limit).await?;
+        self.access.check()?;
+        let keep = within_bytes(page.entities.iter().map(|e| e.data.len()), self.conn.shared.limits.max_page_bytes);
+        if keep < page.entities.len() {
+            page.entities.truncate(keep);
+            page.more = true;
+        }
+        let mut out = results.get();
+        out.set_cursor(page.cursor);
+        out.set_more(page.more);
+        let mut list = out.init_entities(page.entities.len() as u32);
+        for (i, e) in page.entities.iter().enumerate() {
+            convert::set_entity(list.reborrow().get(i as u32), e);
+        }
+        Ok(())
+    }
+
+    async fn changes(self: Rc<Self>, params: session::ChangesParams, mut results: session::ChangesResults) -> Result<(), capnp::Error> {
+        self.require(READ, "changes")?;
+        let params = params.get()?;
+        let limit = self.page_limit(params.get_limit());
+        let (mut ops, cursor) = self.conn.shared.store.changes(self.access.sid, params.get_after(), limit).await?;
+        self.access.check()?;
+        let keep = within_bytes(ops.iter().map(|o| op_bytes(&o.op.body)), self.conn.shared.limits.max_page_bytes);
+        ops.truncate(keep);
+        let mut out = results.get();
+        out.set_cursor(cursor);
+        let mut list = out.init_ops(ops.len() as u32);
+        for (i, op) in ops.iter().enumerate() {
+            convert::set_applied_op(list.reborrow().get(i as u32), op);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(self: Rc<Self>, _: session::SubscribeParams, _: session::SubscribeResults) -> Result<(), capnp::Error> {
+        self.require(READ, "subscribe")?;
+        Err(capnp::Error::unimplemented("subscribe is not served by this version of capsync".into()))
+    }
+
+    async fn mint(self: Rc<Self>, params: session::MintParams, mut results: session::MintResults) -> Result<(), capnp::Error> {
+        self.require(MINT, "mint")?;
+        let params = params.get()?;
+        let rights = convert::rights_from(params.get_rights()?);
+        if !rights.is_subset_of(self.access.rights) {
+            let reason = format!("cannot mint [{}] from a capability with [{}]", rights.names(), self.access.rights.names());
+            self.conn.shared.store.audit(self.conn.event("denied", Some(&self.access), reason.clone()));
+            return Err(ServerError::Denied(reason).into());
+        }
+        if rights == Rights::default() {
+            return Err(ServerError::Invalid("a share needs at least one right".into()).into());
+        }
+        let label = params.get_label()?.to_str().map_err(|_| ServerError::Invalid("label is not UTF-8".into()))?;
+        if label.len() > 256 {
+            return Err(ServerError::Invalid("label is longer than 256 bytes".into()).into());
+        }
+        let expires_at = self.child_expiry(params.get_ttl_seconds())?;
+        let now = now_ms();
+        let share_id = uuid::Uuid::now_v7().to_string();
+        let (parent_share_id, parent) = match self.access.kind {
+            TargetKind::Share => (Some(self.access.id.clone()), format!("share:{}", self.access.id)),
+            _ => (None, format!("session:{}", self.access.session_id)),
+        };
+        let token = Token::generate();
+        let share = ShareRow {
+            id: share_id.clone(),
+            sid: self.access.sid,
+            session_id: self.access.session_id.clone(),
+            parent_share_id,
+            parent_epoch: self.access.epoch(),
+            rights,
+            label: label.to_owned(),
+            epoch: 0,
+            created_at: now,
+            expires_at,
+            last_used_at: 0,
+        };
+        let row = TokenRow {
+            hash: token.hash().0,
+            target_kind: TargetKind::Share,
+            target_id: share_id.clone(),
+            minted_epoch: 0,
+            rights,
+            parent,
+            label: label.to_owned(),
+            created_at: now,
+            expires_at,
+            last_used_at: 0,
+        };
+        let mut event = self.conn.event("mint", Some(&self.access), format!("rights={} label={label}", rights.names()));
+        event.target_kind = "share".into();
+        event.target_id = share_id.clone();
+        self.conn.shared.store.mint_share(share, row, self.access.admit(), event).await?;
+        self.access.check()?;
+        debug!(session = %self.access.session_id, share = %share_id, "minted");
+        let mut out = results.get();
+        out.set_token(token.expose());
+        out.set_share_id(share_id.as_str());
+        Ok(())
+    }
+
+    async fn info(self: Rc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> Result<(), capnp::Error> {
+        self.access.check()?;
+        let session = self
+            .conn
+            .shared
+            .store
+            .session(self.access.session_id.clone())
+            .await?
+            .ok_or(ServerError::Revoked)?;
+        self.access.check()?;
+        let mut info = results.get().init_info();
+        info.set_session_id(session.id.as_str());
+        info.set_title(session.title.as_str());
+        info.set_kind(self.access.kind.name());
+        info.set_share_id(if self.access.kind == TargetKind::Share { self.access.id.as_str() } else { "" });
+        convert::set_rights(info.reborrow().init_rights(), self.access.rights);
+        info.set_cursor(session.cursor);
+        info.set_expires_at(self.access.expires_at);
+        Ok(())
+    }
+}
+
+fn op_bytes(body: &capsync_persistence::OpBody) -> usize {
+    match body {
+        capsync_persistence::OpBody::Put(e) => e.data.len() + e.id.len(),
+        capsync_persistence::OpBody::Delete { id, .. } => id.len(),
+    }
+}
+
+/// How many leading items fit in `budget` bytes; always at least one, so a page progresses.
+fn within_bytes(sizes: impl Iterator<Item = usize>, budget: usize) -> usize {
+    let mut total = 0usize;
+    let mut count = 0usize;
+    for size in sizes {
+        total += size;
+        if count > 0 && total > budget {
+            break;
+        }
+        count += 1;
+    }
+    count
+}

@@ -1,0 +1,295 @@
+//! The server's store, behind a trait so the protocol layer never writes SQL and a later
+//! PostgreSQL backend (DESIGN §10) fits the same shape.
+//!
+//! [`SqliteStore`] runs every read on a pool of reader threads and every write on the single
+//! writer thread (group commit), and answers through futures; nothing here blocks the RPC
+//! thread. Writes are submitted to the writer queue when the method is *called*, not when the
+//! returned future is first polled, so calls made in order are applied in order.
+
+use crate::error::{Result, ServerError};
+use capsync_persistence::server::{
+    self, AuditEvent, AuditRow, ServerReader, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow,
+};
+use capsync_persistence::readers::Readers;
+use capsync_persistence::writer::{JobOutcome, Txn, WriteJob, Writer};
+use capsync_persistence::{BatchAck, EntityKind, IncomingBatch, LoggedOp, StorageError};
+use futures::future::LocalBoxFuture;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+pub type Fut<T> = LocalBoxFuture<'static, Result<T>>;
+
+/// A check run on the writer thread right before a write applies: the epoch chain of the
+/// capability that asked for it. Revocations are write barriers, so a write queued behind a
+/// revocation sees it.
+pub type Admit = Box<dyn FnOnce() -> Result<()> + Send>;
+
+/// A token with everything needed to judge it: the share chain from the target up (empty
+/// for session and admin tokens), the session, and the admin epoch.
+#[derive(Clone, Debug)]
+pub struct Resolution {
+    pub token: TokenRow,
+    pub shares: Vec<ShareRow>,
+    pub session: Option<SessionRow>,
+    pub admin_epoch: Option<u64>,
+}
+
+pub trait Store {
+    fn resolve_token(&self, hash: [u8; 32]) -> Fut<Option<Resolution>>;
+    /// Records a redeem: the token's `last_used_at` and an audit row. Fire and forget.
+    fn record_redeem(&self, hash: [u8; 32], event: AuditEvent);
+    /// Appends an audit row. Fire and forget.
+    fn audit(&self, event: AuditEvent);
+    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit) -> Fut<BatchAck>;
+    fn snapshot_page(&self, sid: i64, after: Option<(EntityKind, String)>, limit: u32) -> Fut<SnapshotPage>;
+    fn changes(&self, sid: i64, after: u64, limit: u32) -> Fut<(Vec<LoggedOp>, u64)>;
+    fn session(&self, session_id: String) -> Fut<Option<SessionRow>>;
+    fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()>;
+    fn create_session(&self, session_id: String, title: String, owner: TokenRow, event: AuditEvent) -> Fut<()>;
+    /// Bumps the share's epoch; `on_commit` runs once it is durable, before any later write.
+    fn revoke_share(&self, share_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
+    fn revoke_session(&self, session_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
+    /// Creates the admin object or bumps its epoch, and stores a new admin token for it.
+    fn renew_admin(&self, token: TokenRow) -> Fut<u64>;
+    fn list_sessions(&self) -> Fut<Vec<(SessionRow, u32)>>;
+    fn list_shares(&self, session_id: Option<String>) -> Fut<Vec<ShareRow>>;
+    fn audit_page(&self, since: u64, limit: u32) -> Fut<Vec<AuditRow>>;
+    fn stats(&self) -> Fut<StoreStats>;
+    /// Lets every queued write commit and complete, then stops the storage threads.
+    fn shutdown(&self);
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub struct SqliteStore {
+    writer: Mutex<Writer>,
+    readers: Mutex<Option<Readers<ServerReader>>>,
+}
+
+impl SqliteStore {
+    /// Opens `<data_dir>/capsync.db`, migrating it, and starts the writer and reader threads.
+    pub fn open(data_dir: &Path, reader_threads: usize) -> Result<SqliteStore> {
+        let path = data_dir.join("capsync.db");
+        let conn = server::open(&path)?;
+        let readers = Readers::start("capsync", reader_threads, || ServerReader::open(&path))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(Writer::start("capsync", conn)),
+            readers: Mutex::new(Some(readers)),
+        })
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ServerReader) -> Result<T, StorageError> + Send + 'static,
+    ) -> Fut<T> {
+        let (tx, rx) = oneshot::channel();
+        let submitted = match &*self.readers.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(readers) => readers.submit(move |reader| {
+                let _ = tx.send(work(reader));
+            }),
+            None => Err(StorageError::Stopped),
+        };
+        Box::pin(async move {
+            submitted?;
+            Ok(rx.await.map_err(|_| StorageError::Stopped)??)
+        })
+    }
+
+    /// Queues a write now; the future resolves after its group commits. `after_commit` runs on
+    /// the writer thread once the write is durable.
+    fn write<T: Send + 'static>(
+        &self,
+        barrier: bool,
+        work: impl FnOnce(&Txn<'_>) -> Result<T> + Send + 'static,
+        after_commit: impl FnOnce(&T) + Send + 'static,
+    ) -> Fut<T> {
+        let (tx, rx) = oneshot::channel();
+        let body = move |txn: &Txn<'_>| {
+            let result = work(txn);
+            JobOutcome {
+                keep: result.is_ok(),
+                completion: Box::new(move |committed: Result<(), StorageError>| {
+                    let outcome = match (committed, result) {
+                        (Ok(()), Ok(value)) => {
+                            after_commit(&value);
+                            Ok(value)
+                        }
+                        (Err(storage), Ok(_)) => Err(ServerError::Storage(storage)),
+                        (_, Err(err)) => Err(err),
+                    };
+                    let _ = tx.send(outcome);
+                }),
+            }
+        };
+        let job = if barrier { WriteJob::barrier(body) } else { WriteJob::new(body) };
+        let submitted = self.writer.lock().unwrap_or_else(|p| p.into_inner()).submit(job);
+        Box::pin(async move {
+            submitted?;
+            rx.await.map_err(|_| StorageError::Stopped)?
+        })
+    }
+
+    fn revoke(
+        &self,
+        bump: fn(&Txn<'_>, &str) -> Result<Option<u64>, StorageError>,
+        id: String,
+        event: AuditEvent,
+        on_commit: Box<dyn FnOnce(u64) + Send>,
+    ) -> Fut<Option<u64>> {
+        self.write(
+            true,
+            move |txn| {
+                let epoch = bump(txn, &id)?;
+                if epoch.is_some() {
+                    txn.audit(&event, now_ms())?;
+                }
+                Ok(epoch)
+            },
+            move |epoch| {
+                if let Some(epoch) = epoch {
+                    on_commit(*epoch)
+                }
+            },
+        )
+    }
+}
+
+impl Store for SqliteStore {
+    fn resolve_token(&self, hash: [u8; 32]) -> Fut<Option<Resolution>> {
+        self.read(move |reader| {
+            let Some(token) = reader.token(&hash)? else { return Ok(None) };
+            let mut shares: Vec<ShareRow> = Vec::new();
+            let mut session = None;
+            match token.target_kind {
+                server::TargetKind::Share => {
+                    let mut next = Some(token.target_id.clone());
+                    while let Some(id) = next.take() {
+                        let Some(share) = reader.share(&id)? else { return Ok(None) };
+                        next = share.parent_share_id.clone();
+                        shares.push(share);
+                    }
+                    if let Some(last) = shares.last() {
+                        session = reader.session(&last.session_id)?;
+                    }
+                }
+                server::TargetKind::Session => session = reader.session(&token.target_id)?,
+                server::TargetKind::Admin => {}
+            }
+            let admin_epoch = reader.admin_epoch()?;
+            Ok(Some(Resolution { token, shares, session, admin_epoch }))
+        })
+    }
+
+    fn record_redeem(&self, hash: [u8; 32], event: AuditEvent) {
+        let _ = self.write(
+            false,
+            move |txn| {
+                let now = now_ms();
+                txn.touch_token(&hash, now)?;
+                txn.audit(&event, now)?;
+                Ok(())
+            },
+            |_| {},
+        );
+    }
+
+    fn audit(&self, event: AuditEvent) {
+        let _ = self.write(false, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {});
+    }
+
+    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit) -> Fut<BatchAck> {
+        self.write(
+            false,
+            move |txn| {
+                admit()?;
+                Ok(txn.append(sid, &session_id, &batch)?)
+            },
+            |_| {},
+        )
+    }
+
+    fn snapshot_page(&self, sid: i64, after: Option<(EntityKind, String)>, limit: u32) -> Fut<SnapshotPage> {
+        self.read(move |reader| reader.snapshot_page(sid, after.as_ref().map(|(k, id)| (*k, id.as_str())), limit))
+    }
+
+    fn changes(&self, sid: i64, after: u64, limit: u32) -> Fut<(Vec<LoggedOp>, u64)> {
+        self.read(move |reader| reader.changes(sid, after, limit))
+    }
+
+    fn session(&self, session_id: String) -> Fut<Option<SessionRow>> {
+        self.read(move |reader| reader.session(&session_id))
+    }
+
+    fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()> {
+        self.write(
+            false,
+            move |txn| {
+                admit()?;
+                txn.insert_share(&share)?;
+                txn.insert_token(&token)?;
+                txn.audit(&event, share.created_at)?;
+                Ok(())
+            },
+            |_| {},
+        )
+    }
+
+    fn create_session(&self, session_id: String, title: String, owner: TokenRow, event: AuditEvent) -> Fut<()> {
+        self.write(
+            false,
+            move |txn| {
+                txn.create_session(&session_id, &title, owner.created_at)?;
+                txn.insert_token(&owner)?;
+                txn.audit(&event, owner.created_at)?;
+                Ok(())
+            },
+            |_| {},
+        )
+    }
+
+    fn revoke_share(&self, share_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>> {
+        self.revoke(|txn, id| txn.bump_share_epoch(id), share_id, event, on_commit)
+    }
+
+    fn revoke_session(&self, session_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>> {
+        self.revoke(|txn, id| txn.bump_session_epoch(id), session_id, event, on_commit)
+    }
+
+    fn renew_admin(&self, mut token: TokenRow) -> Fut<u64> {
+        self.write(
+            true,
+            move |txn| {
+                let epoch = txn.renew_admin()?;
+                token.minted_epoch = epoch;
+                txn.insert_token(&token)?;
+                Ok(epoch)
+            },
+            |_| {},
+        )
+    }
+
+    fn list_sessions(&self) -> Fut<Vec<(SessionRow, u32)>> {
+        self.read(|reader| reader.list_sessions())
+    }
+
+    fn list_shares(&self, session_id: Option<String>) -> Fut<Vec<ShareRow>> {
+        self.read(move |reader| reader.list_shares(session_id.as_deref()))
+    }
+
+    fn audit_page(&self, since: u64, limit: u32) -> Fut<Vec<AuditRow>> {
+        self.read(move |reader| reader.audit(since, limit))
+    }
+
+    fn stats(&self) -> Fut<StoreStats> {
+        self.read(|reader| reader.stats())
+    }
+
+    fn shutdown(&self) {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}

@@ -1,0 +1,126 @@
+//! Command-line definitions and dispatch.
+
+mod admin;
+mod serve;
+mod share;
+
+use clap::{Args, Parser, Subcommand};
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "capsync", version, about = "Durable session sync over Cap'n Proto capabilities")]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `capsync_server=debug`);
+    /// RUST_LOG overrides it. Logs go to stderr and never contain tokens.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sync server.
+    Serve(serve::ServeArgs),
+    /// Administer a server: sessions, shares, revocation, audit, stats.
+    Admin(admin::AdminArgs),
+    /// Mint a share of a session (or of a share) and print its sturdy URI.
+    Share(share::ShareArgs),
+}
+
+/// Where the admin client finds the admin sturdy URI.
+#[derive(Args, Debug, Clone)]
+pub struct AdminRef {
+    /// The admin sturdy URI (capsync://HOST:PORT/TOKEN). Prefer --admin-file: a URI on the
+    /// command line is visible to other local users.
+    #[arg(long, env = "CAPSYNC_ADMIN", hide_env_values = true)]
+    admin: Option<String>,
+    /// File holding the admin sturdy URI.
+    #[arg(long, value_name = "PATH", default_value = "./capsync-data/admin.uri")]
+    admin_file: PathBuf,
+}
+
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = std::env::var("RUST_LOG").ok().or_else(|| cli.log.clone()).unwrap_or_else(|| default.to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Admin(args) => local(admin::run(args)),
+        Command::Share(args) => local(share::run(args)),
+    }
+}
+
+/// Runs a client future on a single-threaded runtime inside a `LocalSet` (capnp-rpc is `!Send`).
+fn local<F: Future<Output = anyhow::Result<ExitCode>>>(future: F) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    tokio::task::LocalSet::new().block_on(&runtime, future)
+}
+
+/// Parses durations like `90`, `45s`, `30m`, `1h`, `7d` into seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 90s, 30m, 1h or 7d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// Unix ms as RFC 3339-ish UTC text for humans; `never` for 0.
+pub fn format_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_dates() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert_eq!(parse_duration("7d"), Ok(604_800));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("h").is_err());
+        assert_eq!(format_ms(0), "never");
+        assert_eq!(format_ms(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+}
