@@ -1,0 +1,296 @@
+//! Shared harness for the end-to-end tests: a real `capsync serve` process on 127.0.0.1 with
+//! its own data dir and a trace-level log, and a Cap'n Proto client in the test process.
+#![allow(dead_code)]
+
+use capsync_client::Connection;
+use capsync_schema::capsync_capnp::{admin, op_result, session, EntityKind};
+use capsync_schema::marker::{self, Marker};
+use capsync_schema::{SturdyUri, Token};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_capsync");
+
+/// A `capsync serve` child process. Killed (SIGKILL) on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server on a free port; logs at `trace` to `<data_dir>/../server.log`.
+    pub fn start(data_dir: &Path) -> Server {
+        Server::start_at(data_dir, "127.0.0.1:0")
+    }
+
+    /// Starts a server listening on `listen` (e.g. the address of a server that just stopped).
+    pub fn start_at(data_dir: &Path, listen: &str) -> Server {
+        Server::start_with_env(data_dir, listen, &[])
+    }
+
+    pub fn start_with_env(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
+        let log = data_dir.with_extension("log");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "trace")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawning capsync serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the server announces its address");
+        let addr = line
+            .trim()
+            .strip_prefix("capsync listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}; log at {}", log.display()))
+            .to_owned();
+        wait_for_file(&data_dir.join("admin.uri"));
+        Server { child: Some(child), addr, data_dir: data_dir.to_owned(), log }
+    }
+
+    pub fn admin_uri(&self) -> SturdyUri {
+        SturdyUri::parse(&std::fs::read_to_string(self.data_dir.join("admin.uri")).unwrap()).unwrap()
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        child.wait().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for_file(path: &Path) {
+    for _ in 0..600 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+/// Runs `f` on a current-thread runtime inside a `LocalSet`, as capnp-rpc needs.
+pub fn run_local<F: Future>(f: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tokio::task::LocalSet::new().block_on(&runtime, f)
+}
+
+/// Runs the `capsync` binary to completion; returns (exit success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).env("RUST_LOG", "trace").stdin(Stdio::null()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Every secret a test handled must be absent from a text (a log, a CLI's output).
+pub fn assert_no_tokens(text: &str, tokens: &[Token], what: &str) {
+    for token in tokens {
+        let secret = &token.expose()[4..];
+        assert!(!text.contains(secret), "a token appears in {what}");
+    }
+}
+
+pub fn marker_of(err: &capnp::Error) -> Option<Marker> {
+    marker::of_error(err)
+}
+
+#[track_caller]
+pub fn assert_marker<T>(result: Result<T, capnp::Error>, expected: Marker) {
+    match result {
+        Ok(_) => panic!("expected {expected}, the call succeeded"),
+        Err(err) => assert_eq!(marker_of(&err), Some(expected), "got: {}", err.extra),
+    }
+}
+
+/// An owner token for a new session, through the admin capability.
+pub async fn create_session(conn: &Connection, admin_token: &Token, title: &str) -> (String, Token) {
+    let (admin, _) = conn.admin(admin_token);
+    let mut request = admin.create_session_request();
+    request.get().set_title(title);
+    let response = request.send().promise.await.unwrap();
+    let results = response.get().unwrap();
+    (
+        results.get_session_id().unwrap().to_string().unwrap(),
+        Token::parse(results.get_token().unwrap().to_str().unwrap()).unwrap(),
+    )
+}
+
+pub fn admin_cap(conn: &Connection, admin_token: &Token) -> admin::Client {
+    conn.admin(admin_token).0
+}
+
+/// An op to send: `put` when `data` is `Some`, `delete` otherwise.
+#[derive(Clone, Debug)]
+pub struct TestOp {
+    pub op_id: Vec<u8>,
+    pub kind: EntityKind,
+    pub id: String,
+    pub parent: String,
+    pub data: Option<Vec<u8>>,
+}
+
+pub fn new_op_id() -> Vec<u8> {
+    uuid::Uuid::now_v7().as_bytes().to_vec()
+}
+
+pub fn put(kind: EntityKind, id: &str, parent: &str, json: &str) -> TestOp {
+    TestOp { op_id: new_op_id(), kind, id: id.into(), parent: parent.into(), data: Some(json.as_bytes().to_vec()) }
+}
+
+pub fn delete(kind: EntityKind, id: &str) -> TestOp {
+    TestOp { op_id: new_op_id(), kind, id: id.into(), parent: String::new(), data: None }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: op_result::Status,
+    pub seq: u64,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub cursor: u64,
+    pub batch_seq: u64,
+    pub results: Vec<Outcome>,
+}
+
+pub fn append_request(
+    session: &session::Client,
+    client_id: &[u8],
+    batch_seq: u64,
+    ops: &[TestOp],
+) -> capnp::capability::RemotePromise<session::append_results::Owned> {
+    let mut request = session.append_request();
+    let mut batch = request.get().init_batch();
+    batch.set_client_id(client_id);
+    batch.set_batch_seq(batch_seq);
+    let mut list = batch.init_ops(ops.len() as u32);
+    for (i, op) in ops.iter().enumerate() {
+        let mut out = list.reborrow().get(i as u32);
+        out.set_op_id(&op.op_id);
+        match &op.data {
+            Some(data) => {
+                let mut e = out.init_put();
+                e.set_kind(op.kind);
+                e.set_id(op.id.as_str());
+                e.set_parent_id(op.parent.as_str());
+                e.set_data(data);
+            }
+            None => {
+                let mut k = out.init_delete();
+                k.set_kind(op.kind);
+                k.set_id(op.id.as_str());
+            }
+        }
+    }
+    request.send()
+}
+
+pub async fn read_ack(
+    promise: capnp::capability::RemotePromise<session::append_results::Owned>,
+) -> Result<Ack, capnp::Error> {
+    let response = promise.promise.await?;
+    let ack = response.get()?.get_ack()?;
+    let mut results = Vec::new();
+    for r in ack.get_results()?.iter() {
+        results.push(Outcome { status: r.get_status()?, seq: r.get_seq(), reason: r.get_reason()?.to_string()? });
+    }
+    Ok(Ack { cursor: ack.get_cursor(), batch_seq: ack.get_batch_seq(), results })
+}
+
+pub async fn append(session: &session::Client, client_id: &[u8], batch_seq: u64, ops: &[TestOp]) -> Result<Ack, capnp::Error> {
+    read_ack(append_request(session, client_id, batch_seq, ops)).await
+}
+
+/// Mints a share; `rights` like "read,append".
+pub async fn mint(session: &session::Client, rights: &str, label: &str, ttl_seconds: u64) -> Result<(Token, String), capnp::Error> {
+    let mut request = session.mint_request();
+    {
+        let mut p = request.get();
+        let mut r = p.reborrow().init_rights();
+        r.set_read(rights.contains("read"));
+        r.set_append(rights.contains("append"));
+        r.set_mint(rights.contains("mint"));
+        p.set_label(label);
+        p.set_ttl_seconds(ttl_seconds);
+    }
+    let response = request.send().promise.await?;
+    let results = response.get()?;
+    Ok((Token::parse(results.get_token()?.to_str()?).unwrap(), results.get_share_id()?.to_string()?))
+}
+
+/// The session's cursor, via `info`.
+pub async fn cursor(session: &session::Client) -> Result<u64, capnp::Error> {
+    let response = session.info_request().send().promise.await?;
+    Ok(response.get()?.get_info()?.get_cursor())
+}
+
+/// Every entity of the session as (kind, id, parent, data), through paged `snapshot`.
+pub async fn snapshot(session: &session::Client, page: u32) -> Result<(u64, Vec<(EntityKind, String, String, String)>), capnp::Error> {
+    let mut out = Vec::new();
+    let mut after: Option<(EntityKind, String)> = None;
+    let mut first_cursor = None;
+    loop {
+        let mut request = session.snapshot_request();
+        request.get().set_limit(page);
+        if let Some((kind, id)) = &after {
+            let mut key = request.get().init_start_after();
+            key.set_kind(*kind);
+            key.set_id(id.as_str());
+        }
+        let response = request.send().promise.await?;
+        let r = response.get()?;
+        first_cursor.get_or_insert(r.get_cursor());
+        for e in r.get_entities()?.iter() {
+            let row = (e.get_kind()?, e.get_id()?.to_string()?, e.get_parent_id()?.to_string()?, String::from_utf8(e.get_data()?.to_vec()).unwrap());
+            after = Some((row.0, row.1.clone()));
+            out.push(row);
+        }
+        if !r.get_more() {
+            return Ok((first_cursor.unwrap_or(0), out));
+        }
+    }
+}
+
+pub fn new_client_id() -> Vec<u8> {
+    uuid::Uuid::new_v4().as_bytes().to_vec()
+}
