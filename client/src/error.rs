@@ -16,6 +16,9 @@ pub enum ClientError {
     Storage(#[from] capsync_persistence::StorageError),
     #[error("{0}")]
     Invalid(String),
+    /// The ref was refused before (revoked, expired...) and is not used until re-attached.
+    #[error("ref {name} is {state}: {reason}")]
+    RefStopped { name: String, state: String, reason: String },
 }
 
 /// The server's own words: from its marker on, without capnp-rpc's "remote exception" prefix.
@@ -38,6 +41,7 @@ impl ClientError {
     pub fn marker(&self) -> Option<Marker> {
         match self {
             ClientError::Rpc(err) => marker::of_error(err),
+            ClientError::RefStopped { reason, .. } => Marker::find(reason),
             _ => None,
         }
     }

@@ -7,12 +7,14 @@
 //! - [`migrate`]: versioned schemas in `user_version`, applied in one transaction.
 //! - [`server`]: the server's schema and its reads ([`server::ServerReader`]) and writes
 //!   ([`server::ServerWriter`]).
+//! - [`client`]: the client's refs, outbox and replicas ([`client::ClientDb`]).
 //! - [`writer`]: the single writer thread with group commit.
 //! - [`readers`]: a small pool of reader threads.
 //!
 //! Threads, not async: SQLite calls block, so they run on threads of their own and report
 //! back through completion callbacks, which the async layers turn into futures.
 
+pub mod client;
 pub mod migrate;
 pub mod model;
 pub mod readers;

@@ -13,6 +13,7 @@ use capsync_persistence::server::{
 use capsync_persistence::readers::Readers;
 use capsync_persistence::writer::{JobOutcome, Txn, WriteJob, Writer};
 use capsync_persistence::{BatchAck, EntityKind, IncomingBatch, LoggedOp, StorageError};
+use capsync_schema::failpoint;
 use futures::future::LocalBoxFuture;
 use std::path::Path;
 use std::sync::Mutex;
@@ -206,9 +207,11 @@ impl Store for SqliteStore {
             false,
             move |txn| {
                 admit()?;
-                Ok(txn.append(sid, &session_id, &batch)?)
+                let ack = txn.append(sid, &session_id, &batch)?;
+                failpoint::hit("server-before-commit");
+                Ok(ack)
             },
-            |_| {},
+            |_| failpoint::hit("server-after-commit"),
         )
     }
 

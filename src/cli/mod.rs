@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod admin;
+mod client;
 mod serve;
 mod share;
 
@@ -28,6 +29,18 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Mint a share of a session (or of a share) and print its sturdy URI.
     Share(share::ShareArgs),
+    /// Queue a put of one entity and deliver it.
+    Put(client::PutArgs),
+    /// Queue a delete of one entity and deliver it.
+    Delete(client::DeleteArgs),
+    /// Queue every op of a JSON Lines file, then deliver them (with a progress bar).
+    Push(client::PushArgs),
+    /// Deliver everything queued in the outbox; --follow keeps going.
+    Sync(client::SyncArgs),
+    /// Pull a session into the local replica.
+    Pull(client::PullArgs),
+    /// Show each attached ref: state, op counts, cursor.
+    Status(client::StatusArgs),
 }
 
 /// Where the admin client finds the admin sturdy URI.
@@ -61,6 +74,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => local(admin::run(args)),
         Command::Share(args) => local(share::run(args)),
+        Command::Put(args) => local(client::put(args)),
+        Command::Delete(args) => local(client::delete(args)),
+        Command::Push(args) => local(client::push(args)),
+        Command::Sync(args) => local(client::sync(args)),
+        Command::Pull(args) => local(client::pull(args)),
+        Command::Status(args) => client::status(args),
     }
 }
 

@@ -1,0 +1,192 @@
+//! The sync engine: delivers a ref's outbox to the server.
+//!
+//! One round: connect, send `redeem(token)` and, without waiting for its answer, the unacked
+//! batches on the promised capability (up to `window` in flight), recording each ack as it
+//! comes. Batches are formed once and stored, so a replay after any failure resends the same
+//! batches with the same opIds in the same order, and the server answers `duplicate` for what
+//! it had already applied. Disconnects and I/O errors retry with exponential backoff and
+//! jitter; `revoked`, `expired` and `unknown-token` stop the ref for good (until re-attached).
+
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+use crate::store::Db;
+use crate::wire;
+use capsync_persistence::client::FormedBatch;
+use capsync_schema::failpoint;
+use capsync_schema::marker::Marker;
+use capsync_schema::SturdyUri;
+use futures::stream::{FuturesOrdered, StreamExt as _};
+use rand::Rng as _;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// How the engine batches, pipelines and retries.
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    /// Batches in flight per session without waiting for acks.
+    pub window: usize,
+    pub max_batch_ops: usize,
+    pub max_batch_bytes: usize,
+    /// Consecutive failed rounds before `sync_once` gives up (the ops stay queued).
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for SyncOptions {
+    fn default() -> SyncOptions {
+        SyncOptions {
+            window: 16,
+            max_batch_ops: 1000,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub batches: u64,
+    pub ops: u64,
+    /// Ops the server had applied before (answered `duplicate`): the replays that found them.
+    pub duplicates: u64,
+    /// The server's cursor in the last ack (0 if nothing was sent).
+    pub cursor: u64,
+}
+
+/// States a ref is left in after a refusal no retry can fix.
+pub fn terminal_state(marker: Marker) -> Option<&'static str> {
+    match marker {
+        Marker::Revoked => Some("revoked"),
+        Marker::Expired => Some("expired"),
+        Marker::UnknownToken => Some("unknown-token"),
+        Marker::Denied => Some("denied"),
+        Marker::Diverged => Some("diverged"),
+        Marker::Gap => Some("diverged"),
+        _ => None,
+    }
+}
+
+pub fn backoff(options: &SyncOptions, attempt: u32) -> Duration {
+    let exp = options.backoff_base.saturating_mul(1u32 << attempt.min(16));
+    let capped = exp.min(options.backoff_max);
+    capped.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// Delivers every queued op of ref `name`, retrying up to `max_attempts` failed rounds.
+pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<SyncReport> {
+    let row = db.call({
+        let name = name.to_owned();
+        move |db| db.ref_row(&name)
+    })
+    .await?
+    .ok_or_else(|| ClientError::Invalid(format!("no ref named {name}")))?;
+    if row.state != "ok" && row.state != "unreachable" {
+        return Err(ClientError::RefStopped { name: name.to_owned(), state: row.state, reason: row.last_error });
+    }
+    let uri = SturdyUri::parse(&row.uri)?;
+    let mut report = SyncReport::default();
+    let mut failures = 0;
+    loop {
+        let batches = db
+            .call({
+                let (name, max_ops, max_bytes) = (name.to_owned(), options.max_batch_ops, options.max_batch_bytes);
+                move |db| {
+                    db.form_batches(&name, max_ops, max_bytes)?;
+                    db.unacked_batches(&name)
+                }
+            })
+            .await?;
+        if batches.is_empty() {
+            return Ok(report);
+        }
+        let before = report.batches;
+        match round(db, name, &uri, &row.client_id, batches, options, &mut report).await {
+            Ok(()) => failures = 0,
+            Err(err) => {
+                if let Some(state) = err.marker().and_then(terminal_state) {
+                    warn!(ref_name = name, state, "the server refused this ref; its ops stay queued");
+                    let (n, reason) = (name.to_owned(), err.to_string());
+                    db.call(move |db| db.set_ref_state(&n, state, &reason)).await?;
+                    return Err(err);
+                }
+                if !err.is_retryable() {
+                    return Err(err);
+                }
+                let (n, reason) = (name.to_owned(), err.to_string());
+                db.call(move |db| db.set_ref_state(&n, "unreachable", &reason)).await?;
+                if report.batches == before {
+                    failures += 1;
+                }
+                if failures >= options.max_attempts {
+                    return Err(err);
+                }
+                let pause = backoff(options, failures);
+                debug!(ref_name = name, error = %err, ?pause, "sync round failed; retrying");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// One connection's worth of work: redeem and replay pipelined, then everything else queued.
+async fn round(
+    db: &Db,
+    name: &str,
+    uri: &SturdyUri,
+    client_id: &[u8; 16],
+    batches: Vec<FormedBatch>,
+    options: &SyncOptions,
+    report: &mut SyncReport,
+) -> Result<()> {
+    let conn = tokio::time::timeout(options.connect_timeout, Connection::open(&uri.address))
+        .await
+        .map_err(|_| ClientError::Connect {
+            address: uri.address.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        })??;
+    let (session, grant) = conn.session(&uri.token);
+    let mut in_flight = FuturesOrdered::new();
+    let mut queue = batches.into_iter();
+    let mut sent = Vec::new();
+    let window = options.window.max(1);
+    loop {
+        while in_flight.len() < window {
+            let Some(batch) = queue.next() else { break };
+            let promise = wire::append_request(&session, client_id, &batch).send().promise;
+            sent.push(batch.batch_seq);
+            in_flight.push_back(async move { (batch, promise.await) });
+        }
+        if !sent.is_empty() {
+            let (n, seqs) = (name.to_owned(), std::mem::take(&mut sent));
+            db.call(move |db| db.mark_sent(&n, &seqs)).await?;
+            failpoint::hit("client-after-send");
+        }
+        let Some((batch, response)) = in_flight.next().await else { break };
+        let response = response?;
+        let ack = wire::read_ack(response.get()?.get_ack()?)?;
+        if ack.batch_seq != batch.batch_seq || ack.results.len() != batch.ops.len() {
+            return Err(ClientError::Invalid(format!("the server's ack does not match batch {}", batch.batch_seq)));
+        }
+        report.batches += 1;
+        report.ops += batch.ops.len() as u64;
+        report.duplicates +=
+            ack.results.iter().filter(|r| r.status == capsync_persistence::OpStatus::Duplicate).count() as u64;
+        report.cursor = ack.cursor;
+        let n = name.to_owned();
+        db.call(move |db| db.record_ack(&n, &ack)).await?;
+        failpoint::hit("client-after-ack");
+    }
+    if let Ok(grant) = grant.await {
+        let (n, id) = (name.to_owned(), grant.session_id);
+        db.call(move |db| db.set_session_id(&n, &id)).await?;
+    }
+    info!(ref_name = name, batches = report.batches, "sync round done");
+    conn.close().await;
+    Ok(())
+}

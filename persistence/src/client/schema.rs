@@ -1,0 +1,62 @@
+//! The client database's schema: refs, the outbox and replicas.
+
+use crate::migrate::SchemaPlan;
+
+pub const PLAN: SchemaPlan = SchemaPlan { name: "client", current_version: 1, create: &[CREATE_V1], upgrades: &[] };
+
+const CREATE_V1: &str = r#"
+-- A sturdy URI attached under a name. The URI is a secret: the file is created 0600.
+CREATE TABLE refs (
+    name TEXT PRIMARY KEY,
+    uri TEXT NOT NULL,
+    client_id BLOB NOT NULL,                -- 16 bytes; batchSeqs count per (client, session)
+    next_batch_seq INTEGER NOT NULL DEFAULT 1,
+    session_id TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'ok',       -- ok, unreachable, revoked, expired, unknown-token, denied, diverged
+    last_error TEXT NOT NULL DEFAULT '',
+    ack_cursor INTEGER NOT NULL DEFAULT 0,  -- the server's cursor in the latest ack
+    created_at INTEGER NOT NULL
+);
+-- Every op the application made, in the order it made them.
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op_id BLOB NOT NULL UNIQUE,             -- UUIDv7, minted once
+    ref_name TEXT NOT NULL REFERENCES refs(name),
+    is_delete INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    entity_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    data BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',  -- pending, sent, acked, rejected, conflict
+    batch_seq INTEGER,                      -- NULL until grouped; then fixed forever
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    ack_seq INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX outbox_by_batch ON outbox(ref_name, batch_seq);
+CREATE INDEX outbox_unbatched ON outbox(ref_name, seq) WHERE batch_seq IS NULL;
+-- Batches as formed, so a replay resends the very same ones.
+CREATE TABLE batches (
+    ref_name TEXT NOT NULL,
+    batch_seq INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (ref_name, batch_seq)
+) WITHOUT ROWID;
+-- Local copies of sessions, each at a cursor.
+CREATE TABLE replica_state (
+    ref_name TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    cursor INTEGER NOT NULL
+);
+CREATE TABLE replica_entities (
+    ref_name TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    data BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (ref_name, kind, id)
+);
+CREATE INDEX replica_parts ON replica_entities(ref_name, parent_id) WHERE kind = 2;
+"#;

@@ -1,0 +1,318 @@
+//! Client commands: put, delete, push, sync, pull, status.
+
+use anyhow::{bail, Context as _};
+use capsync_client::{Change, Client, RefStatus};
+use capsync_persistence::EntityKind;
+use capsync_schema::SturdyUri;
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct OutboxArg {
+    /// The client database (outbox, refs, replicas). Default: $XDG_DATA_HOME/capsync/outbox.db,
+    /// else ~/.local/share/capsync/outbox.db.
+    #[arg(long, env = "CAPSYNC_OUTBOX", value_name = "PATH")]
+    outbox: Option<PathBuf>,
+}
+
+impl OutboxArg {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(path) = &self.outbox {
+            return Ok(path.clone());
+        }
+        let base = match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(std::env::var_os("HOME").context("set --outbox (no HOME to default under)")?).join(".local/share"),
+        };
+        Ok(base.join("capsync").join("outbox.db"))
+    }
+
+    fn open(&self) -> anyhow::Result<Client> {
+        let path = self.path()?;
+        Client::open(&path).with_context(|| format!("opening the outbox {}", path.display()))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    /// Sturdy URI of the session or share to write to.
+    uri: String,
+    #[arg(long, value_parser = parse_kind)]
+    kind: EntityKind,
+    #[arg(long)]
+    id: String,
+    /// Parent id (a part's message).
+    #[arg(long, default_value = "")]
+    parent: String,
+    /// The entity's data, a JSON value.
+    #[arg(long)]
+    data: String,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    uri: String,
+    #[arg(long, value_parser = parse_kind)]
+    kind: EntityKind,
+    #[arg(long)]
+    id: String,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    uri: String,
+    /// JSON Lines: {"op":"put","kind":"part","id":"p1","parent":"m1","data":{...}} or
+    /// {"op":"delete","kind":"message","id":"m1"}.
+    #[arg(long, value_name = "PATH")]
+    file: PathBuf,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// Keep running: deliver new ops as they are queued, across disconnects.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    uri: String,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+fn parse_kind(text: &str) -> Result<EntityKind, String> {
+    EntityKind::from_name(text).ok_or_else(|| format!("unknown kind `{text}`; use session, message, part, diff or model"))
+}
+
+/// Attaches `uri` under its default name and returns that name.
+fn attach(client: &Client, uri: &str) -> anyhow::Result<String> {
+    let parsed = SturdyUri::parse(uri).context("the URI")?;
+    let name = Client::default_ref_name(&parsed);
+    client.attach(&name, uri)?;
+    Ok(name)
+}
+
+/// Syncs one ref; on failure says what stays queued.
+async fn deliver(client: &Client, name: &str) -> anyhow::Result<capsync_client::SyncReport> {
+    match client.sync(name).await {
+        Ok(report) => Ok(report),
+        Err(err) => {
+            let queued = client.status()?.into_iter().find(|s| s.name == name).map(|s| s.counts.pending + s.counts.sent).unwrap_or(0);
+            bail!("{err}; {queued} op(s) kept in the outbox (`capsync sync` delivers them later)")
+        }
+    }
+}
+
+pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
+    let client = args.outbox.open()?;
+    let name = attach(&client, &args.uri)?;
+    let change = Change::Put { kind: args.kind, id: args.id, parent: args.parent, data: args.data.into_bytes() };
+    client.enqueue(&name, [change])?;
+    let report = deliver(&client, &name).await?;
+    println!("acked (cursor {})", report.cursor);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let client = args.outbox.open()?;
+    let name = attach(&client, &args.uri)?;
+    client.enqueue(&name, [Change::Delete { kind: args.kind, id: args.id }])?;
+    let report = deliver(&client, &name).await?;
+    println!("acked (cursor {})", report.cursor);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads every line first: one bad line and nothing from the file is queued.
+fn read_jsonl(path: &PathBuf) -> anyhow::Result<Vec<Change>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut changes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let change = parse_line(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        changes.push(change);
+    }
+    Ok(changes)
+}
+
+fn parse_line(line: &str) -> anyhow::Result<Change> {
+    let value: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str());
+    let kind = field("kind").context("missing \"kind\"")?;
+    let kind = parse_kind(kind).map_err(anyhow::Error::msg)?;
+    let id = field("id").context("missing \"id\"")?.to_owned();
+    match field("op") {
+        Some("put") => {
+            let data = value.get("data").context("missing \"data\"")?;
+            let parent = field("parent").unwrap_or("").to_owned();
+            Ok(Change::Put { kind, id, parent, data: serde_json::to_vec(data)? })
+        }
+        Some("delete") => Ok(Change::Delete { kind, id }),
+        Some(other) => bail!("unknown op `{other}`; use put or delete"),
+        None => bail!("missing \"op\""),
+    }
+}
+
+pub async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let changes = read_jsonl(&args.file)?;
+    let client = args.outbox.open()?;
+    let name = attach(&client, &args.uri)?;
+    let total = changes.len() as u64;
+    let started = Instant::now();
+    client.enqueue(&name, changes).context("queueing the file's ops (none were queued)")?;
+    let bar = progress_bar(total);
+    let sync = deliver(&client, &name);
+    tokio::pin!(sync);
+    let report = loop {
+        tokio::select! {
+            done = &mut sync => break done,
+            _ = tokio::time::sleep(Duration::from_millis(200)), if !bar.is_hidden() => {
+                if let Some(s) = client.status()?.into_iter().find(|s| s.name == name) {
+                    bar.set_position(total.saturating_sub(s.counts.pending + s.counts.sent));
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    report?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("pushed {total} ops in {secs:.2} s ({:.0} ops/s)", total as f64 / secs.max(1e-9));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} ops acked ({per_sec}, eta {eta})") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+pub async fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
+    let client = args.outbox.open()?;
+    if !args.follow {
+        let mut failed = Vec::new();
+        let (mut ops, mut duplicates) = (0, 0);
+        for name in client.refs_with_work()? {
+            match client.sync(&name).await {
+                Ok(report) => {
+                    ops += report.ops;
+                    duplicates += report.duplicates;
+                }
+                Err(err) => failed.push(format!("{name}: {err}")),
+            }
+        }
+        if !failed.is_empty() {
+            bail!("{}", failed.join("; "));
+        }
+        println!("synced {ops} ops ({duplicates} already applied); the outbox is drained");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tokio::pin!(stop);
+    let mut failures = 0u32;
+    loop {
+        let mut retry = false;
+        for status in client.status()? {
+            let has_work = status.counts.pending + status.counts.sent > 0;
+            if !has_work || !matches!(status.state.as_str(), "ok" | "unreachable") {
+                continue;
+            }
+            if let Err(err) = client.sync(&status.name).await {
+                tracing::warn!(ref_name = %status.name, error = %err, "sync failed");
+                retry |= err.is_retryable();
+            }
+        }
+        failures = if retry { failures + 1 } else { 0 };
+        let pause = if retry { capsync_client::sync::backoff(client.options(), failures) } else { Duration::from_millis(100) };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = &mut stop => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let client = args.outbox.open()?;
+    let name = attach(&client, &args.uri)?;
+    let report = client.pull(&name).await?;
+    let (cursor, entities) = client.replica(&name)?;
+    if args.json {
+        let entities: Vec<_> = entities
+            .iter()
+            .map(|e| {
+                let data: serde_json::Value = serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null);
+                json!({"kind": e.kind.name(), "id": e.id, "parent": e.parent_id, "data": data})
+            })
+            .collect();
+        println!("{}", json!({"cursor": cursor, "entities": entities}));
+    } else {
+        println!("{} entities at cursor {} ({} ops applied)", entities.len(), report.cursor, report.ops_applied);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = args.outbox.open()?;
+    let refs = client.status()?;
+    if args.json {
+        let refs: Vec<_> = refs.iter().map(status_json).collect();
+        println!("{}", json!({ "refs": refs }));
+    } else {
+        println!("{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  URI", "NAME", "STATE", "PENDING", "SENT", "ACKED", "REJECTED", "CONFLICT", "CURSOR");
+        for s in &refs {
+            println!(
+                "{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {}",
+                s.name, s.state, s.counts.pending, s.counts.sent, s.counts.acked, s.counts.rejected, s.counts.conflict, s.cursor, s.uri
+            );
+            if !s.last_error.is_empty() {
+                println!("{:<18}  last error: {}", "", s.last_error);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(s: &RefStatus) -> serde_json::Value {
+    json!({
+        "name": s.name,
+        "uri": s.uri,
+        "session_id": s.session_id,
+        "state": s.state,
+        "pending": s.counts.pending,
+        "sent": s.counts.sent,
+        "acked": s.counts.acked,
+        "rejected": s.counts.rejected,
+        "conflict": s.counts.conflict,
+        "cursor": s.cursor,
+        "last_error": s.last_error,
+    })
+}
