@@ -2,6 +2,8 @@
 //! its own data dir and a trace-level log, and a Cap'n Proto client in the test process.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use capsync_client::Connection;
 use capsync_schema::capsync_capnp::{admin, op_result, session, EntityKind};
 use capsync_schema::marker::{self, Marker};
