@@ -157,12 +157,24 @@ fn append_works_on_a_capability_pipelined_on_redeem() {
         let setup = Connection::open(&server.addr).await.unwrap();
         let (_, owner) = create_session(&setup, &admin.token, "pipelined").await;
 
-        // redeem(token).grant.cap.session.append(...), sent before the redeem's answer.
+        // redeem(token).grant.cap.session.append(...), sent before the redeem's answer: thirty
+        // batches in a row, applied in batchSeq order (capnp-rpc may dispatch calls queued on
+        // a promise in another order; the server must not).
         let conn = Connection::open(&server.addr).await.unwrap();
         let (session, grant) = conn.session(&owner);
-        let pending = append_request(&session, &new_client_id(), 1, &[put(Message, "m1", "", "{}")]);
-        let (grant, ack) = futures::join!(grant, read_ack(pending));
-        assert_eq!(ack.unwrap().results[0].status, Status::Applied);
+        let client = new_client_id();
+        // Large batches, so that some arrive before the redeem is answered and some after.
+        let data = format!("\"{}\"", "x".repeat(1000));
+        let batches: Vec<Vec<TestOp>> =
+            (1..=30u64).map(|seq| (0..200).map(|k| put(Message, &format!("m{seq}-{k}"), "", &data)).collect()).collect();
+        let pending: Vec<_> =
+            batches.iter().enumerate().map(|(i, ops)| read_ack(append_request(&session, &client, i as u64 + 1, ops))).collect();
+        let (grant, acks) = futures::join!(grant, futures::future::join_all(pending));
+        for (i, ack) in acks.into_iter().enumerate() {
+            let ack = ack.unwrap_or_else(|e| panic!("batch {}: {}", i + 1, e.extra));
+            let first_seq = i as u64 * 200 + 1;
+            assert_eq!((ack.results[0].status, ack.results[0].seq), (Status::Applied, first_seq), "batch {} in order", i + 1);
+        }
         assert_eq!(grant.unwrap().kind, "session");
 
         // A pipelined call on a bad token fails with the redeem's marker.

@@ -142,6 +142,19 @@ impl Client {
         pull::pull(&self.db, name, &uri).await
     }
 
+    /// Follows `name`'s session live into its replica, calling `on_ops` with each run of new
+    /// ops (in seq order, each exactly once) after it is stored, across disconnects and server
+    /// restarts, until `stop` completes or the server refuses the ref (revoked, expired).
+    pub async fn follow(
+        &self,
+        name: &str,
+        on_ops: impl FnMut(&[capsync_persistence::LoggedOp]),
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let uri = self.uri(name)?;
+        crate::follow::follow(&self.db, name, &uri, &self.options, on_ops, stop).await
+    }
+
     /// The replica of `name`'s session, ordered by (kind, id), and its cursor.
     pub fn replica(&self, name: &str) -> Result<(u64, Vec<Entity>)> {
         self.db.with(|db| {

@@ -44,6 +44,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt as _, TokioAsyncWriteCompatExt 
 pub struct Connection {
     pub gateway: gateway::Client,
     disconnector: Option<capnp_rpc::Disconnector<twoparty::VatId>>,
+    closed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Connection {
@@ -63,12 +64,20 @@ impl Connection {
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
         tokio::task::spawn_local(async move {
             if let Err(err) = rpc.await {
                 tracing::debug!(error = %err, "connection ended");
             }
+            let _ = closed_tx.send(true);
         });
-        Ok(Connection { gateway, disconnector: Some(disconnector) })
+        Ok(Connection { gateway, disconnector: Some(disconnector), closed })
+    }
+
+    /// Completes when the connection has ended, for whatever reason.
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|c| *c).await;
     }
 
     /// A session capability from `token`, pipelined: calls on it are sent without waiting

@@ -52,7 +52,7 @@ impl ClientError {
         match self {
             ClientError::Connect { .. } => true,
             ClientError::Rpc(err) => match marker::of_error(err) {
-                Some(m) => matches!(m, Marker::Overloaded | Marker::Internal),
+                Some(m) => matches!(m, Marker::Overloaded | Marker::Internal | Marker::Gap),
                 None => matches!(err.kind, capnp::ErrorKind::Disconnected | capnp::ErrorKind::Overloaded),
             },
             _ => false,

@@ -22,6 +22,7 @@
 //!
 //! - [`api`]: [`Client`], the application API.
 //! - [`sync`]: the sync engine: pipelined redeem + replay, acks, backoff.
+//! - [`follow`]: live subscription into the replica, resuming from its cursor.
 //! - [`pull`]: snapshot and changes into the local replica.
 //! - [`connection`]: one Cap'n Proto connection and pipelined redeems.
 //! - [`wire`]: storage model to wire structs and back.
@@ -31,6 +32,7 @@
 pub mod api;
 pub mod connection;
 pub mod error;
+pub mod follow;
 pub mod pull;
 pub mod store;
 pub mod sync;

@@ -67,7 +67,7 @@ pub fn terminal_state(marker: Marker) -> Option<&'static str> {
         Marker::UnknownToken => Some("unknown-token"),
         Marker::Denied => Some("denied"),
         Marker::Diverged => Some("diverged"),
-        Marker::Gap => Some("diverged"),
+        // A gap is healed by the next round, which resends every unacked batch in order.
         _ => None,
     }
 }

@@ -21,6 +21,13 @@ pub struct Shared {
     pub store: Rc<dyn Store>,
     pub registry: Arc<EpochRegistry>,
     pub limits: Limits,
+    /// Live op feeds of sessions with subscribers; the writer thread publishes into them.
+    pub feeds: Arc<crate::feed::Feeds>,
+    /// Becomes true when the server starts shutting down: subscriptions end with `onEnd`.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+    pub subscription_tasks: tokio_util::task::TaskTracker,
+    /// Orders each client's batches by batchSeq before they reach the writer.
+    pub sequencer: crate::sequencer::Sequencer,
     pub connections: Cell<u64>,
     pub live_capabilities: Cell<u64>,
     pub subscriptions: Cell<u64>,

@@ -17,8 +17,11 @@
 //! - [`listener`]: the accept loop, the connection limit and one `RpcSystem` per connection.
 //! - [`gateway`]: `Gateway.redeem`, from token to live capability, and the shared state.
 //! - [`session`]: `Session` and `Share` (one implementation, limited by rights).
+//! - [`subscription`]: `subscribe`: catch-up then live ops to a streaming `Listener`.
+//! - [`feed`]: per-session rings of recent ops that the writer publishes after each commit.
 //! - [`admin`]: `Admin`: sessions, shares, revocation, audit, stats.
 //! - [`access`]: a grant's rights, expiry and epoch chain, checked on every call.
+//! - [`sequencer`]: each client's batches in batchSeq order, whatever the dispatch order.
 //! - [`registry`]: in-memory epoch cells that revocation bumps.
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
 //! - [`convert`]: wire structs to storage model and back, with per-op validation.
@@ -32,11 +35,14 @@ pub mod bootstrap;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod feed;
 pub mod gateway;
 pub mod listener;
 pub mod registry;
+pub mod sequencer;
 pub mod session;
 pub mod store;
+pub mod subscription;
 
 pub use config::{Limits, ServerConfig};
 pub use error::ServerError;

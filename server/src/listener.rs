@@ -31,10 +31,15 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
     let registry = Arc::new(EpochRegistry::default());
     let local = listener.local_addr()?;
     bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local).await?;
+    let (closing_subscriptions, closing) = watch::channel(false);
     let shared = Rc::new(Shared {
         store: store.clone(),
         registry,
         limits: config.limits.clone(),
+        feeds: Arc::default(),
+        closing,
+        subscription_tasks: TaskTracker::new(),
+        sequencer: Default::default(),
         connections: Cell::new(0),
         live_capabilities: Cell::new(0),
         subscriptions: Cell::new(0),
@@ -71,8 +76,13 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
         });
     }
 
-    info!("shutting down: closing connections, finishing commits");
+    info!("shutting down: ending subscriptions, closing connections, finishing commits");
     drop(listener);
+    let _ = closing_subscriptions.send(true);
+    shared.subscription_tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(3), shared.subscription_tasks.wait()).await.is_err() {
+        warn!("some subscriptions did not end in time");
+    }
     let _ = closing_tx.send(true);
     tracker.close();
     tracker.wait().await;

@@ -19,9 +19,16 @@ pub enum ObjectKey {
     Share(String),
 }
 
-#[derive(Default)]
 pub struct EpochRegistry {
     cells: Mutex<HashMap<ObjectKey, Arc<AtomicU64>>>,
+    /// Counts revocations, so long-lived work (subscriptions) wakes up and re-checks at once.
+    revocations: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for EpochRegistry {
+    fn default() -> EpochRegistry {
+        EpochRegistry { cells: Mutex::default(), revocations: tokio::sync::watch::channel(0).0 }
+    }
 }
 
 /// One link of a capability's chain: the object's cell and the epoch the grant needs.
@@ -49,5 +56,11 @@ impl EpochRegistry {
     /// Records a committed revocation: every link expecting an older epoch stops holding.
     pub fn bump(&self, key: ObjectKey, epoch: u64) {
         self.cell(key, epoch);
+        self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// Changes after every revocation.
+    pub fn watch_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
     }
 }

@@ -14,7 +14,6 @@ use capsync_persistence::server::{ShareRow, TargetKind, TokenRow};
 use capsync_persistence::Rights;
 use capsync_schema::capsync_capnp::{session, share};
 use capsync_schema::Token;
-use std::future::Future;
 use std::rc::Rc;
 use tracing::{debug, warn};
 
@@ -75,26 +74,30 @@ impl Drop for SessionImpl {
 impl share::Server for SessionImpl {}
 
 impl session::Server for SessionImpl {
-    /// The batch is queued to the writer before this returns its future, so batches on one
-    /// capability are applied in the order their calls arrived.
-    fn append(
-        self: Rc<Self>,
-        params: session::AppendParams,
-        mut results: session::AppendResults,
-    ) -> impl Future<Output = Result<(), capnp::Error>> + 'static {
-        let submitted = (|| -> Result<_> {
-            self.require(APPEND, "append")?;
-            let batch = convert::batch(params.get()?.get_batch()?, &self.conn.shared.limits)?;
-            debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
-            let store = &self.conn.shared.store;
-            Ok(store.append(self.access.sid, self.access.session_id.clone(), batch, self.access.admit()))
-        })();
-        async move {
-            let ack = submitted?.await?;
-            self.access.check()?;
-            convert::set_ack(results.get().init_ack(), &ack);
-            Ok(())
-        }
+    /// Batches of one client reach the writer in batchSeq order whatever order their calls
+    /// were dispatched in (see [`crate::sequencer`]).
+    async fn append(self: Rc<Self>, params: session::AppendParams, mut results: session::AppendResults) -> Result<(), capnp::Error> {
+        self.require(APPEND, "append")?;
+        let batch = convert::batch(params.get()?.get_batch()?, &self.conn.shared.limits)?;
+        debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
+        let shared = &self.conn.shared;
+        let (sid, client, seq) = (self.access.sid, batch.client_id, batch.batch_seq);
+        shared.sequencer.turn(sid, client, seq, || shared.store.last_batch_seq(sid, client)).await?;
+        self.access.check()?;
+        let feeds = shared.feeds.clone();
+        let publish = Box::new(move |ops| feeds.publish(sid, ops));
+        let pending = shared.store.append(sid, self.access.session_id.clone(), batch, self.access.admit(), publish);
+        shared.sequencer.submitted(sid, client, seq);
+        let ack = match pending.await {
+            Ok(ack) => ack,
+            Err(err) => {
+                shared.sequencer.forget(sid, client);
+                return Err(err.into());
+            }
+        };
+        self.access.check()?;
+        convert::set_ack(results.get().init_ack(), &ack);
+        Ok(())
     }
 
     async fn snapshot(self: Rc<Self>, params: session::SnapshotParams, mut results: session::SnapshotResults) -> Result<(), capnp::Error> {
@@ -143,9 +146,13 @@ impl session::Server for SessionImpl {
         Ok(())
     }
 
-    async fn subscribe(self: Rc<Self>, _: session::SubscribeParams, _: session::SubscribeResults) -> Result<(), capnp::Error> {
+    async fn subscribe(self: Rc<Self>, params: session::SubscribeParams, mut results: session::SubscribeResults) -> Result<(), capnp::Error> {
         self.require(READ, "subscribe")?;
-        Err(capnp::Error::unimplemented("subscribe is not served by this version of capsync".into()))
+        let params = params.get()?;
+        let listener = params.get_listener()?;
+        let subscription = crate::subscription::start(self.access.clone(), self.conn.clone(), listener, params.get_after());
+        results.get().set_subscription(subscription);
+        Ok(())
     }
 
     async fn mint(self: Rc<Self>, params: session::MintParams, mut results: session::MintResults) -> Result<(), capnp::Error> {

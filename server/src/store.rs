@@ -12,7 +12,7 @@ use capsync_persistence::server::{
 };
 use capsync_persistence::readers::Readers;
 use capsync_persistence::writer::{JobOutcome, Txn, WriteJob, Writer};
-use capsync_persistence::{BatchAck, EntityKind, IncomingBatch, LoggedOp, StorageError};
+use capsync_persistence::{BatchAck, EntityKind, IncomingBatch, LoggedOp, Op, OpStatus, StorageError};
 use capsync_schema::failpoint;
 use futures::future::LocalBoxFuture;
 use std::path::Path;
@@ -26,6 +26,9 @@ pub type Fut<T> = LocalBoxFuture<'static, Result<T>>;
 /// capability that asked for it. Revocations are write barriers, so a write queued behind a
 /// revocation sees it.
 pub type Admit = Box<dyn FnOnce() -> Result<()> + Send>;
+
+/// Receives the ops a committed batch applied, for live subscriptions.
+pub type Publish = Box<dyn FnOnce(Vec<LoggedOp>) + Send>;
 
 /// A token with everything needed to judge it: the share chain from the target up (empty
 /// for session and admin tokens), the session, and the admin epoch.
@@ -43,10 +46,14 @@ pub trait Store {
     fn record_redeem(&self, hash: [u8; 32], event: AuditEvent);
     /// Appends an audit row. Fire and forget.
     fn audit(&self, event: AuditEvent);
-    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit) -> Fut<BatchAck>;
+    /// Applies a batch; once it is durable, `publish` gets the ops it applied (in commit order,
+    /// on the storage thread), then the ack is returned.
+    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck>;
     fn snapshot_page(&self, sid: i64, after: Option<(EntityKind, String)>, limit: u32) -> Fut<SnapshotPage>;
     fn changes(&self, sid: i64, after: u64, limit: u32) -> Fut<(Vec<LoggedOp>, u64)>;
     fn session(&self, session_id: String) -> Fut<Option<SessionRow>>;
+    /// The last batchSeq of `client` applied to session `sid` (0 if none).
+    fn last_batch_seq(&self, sid: i64, client: capsync_persistence::Id16) -> Fut<u64>;
     fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()>;
     fn create_session(&self, session_id: String, title: String, owner: TokenRow, event: AuditEvent) -> Fut<()>;
     /// Bumps the share's epoch; `on_commit` runs once it is durable, before any later write.
@@ -60,6 +67,20 @@ pub trait Store {
     fn stats(&self) -> Fut<StoreStats>;
     /// Lets every queued write commit and complete, then stops the storage threads.
     fn shutdown(&self);
+}
+
+/// The ops of `batch` that `ack` says were applied now, with their seqs.
+fn applied_ops(batch: IncomingBatch, ack: &BatchAck) -> Vec<LoggedOp> {
+    batch
+        .ops
+        .into_iter()
+        .zip(&ack.results)
+        .filter(|(_, r)| r.status == OpStatus::Applied)
+        .filter_map(|(op, r)| {
+            let op_id = op.op_id.try_into().ok()?;
+            Some(LoggedOp { seq: r.seq, op: Op { op_id, body: op.body.ok()? } })
+        })
+        .collect()
 }
 
 pub fn now_ms() -> u64 {
@@ -101,12 +122,12 @@ impl SqliteStore {
     }
 
     /// Queues a write now; the future resolves after its group commits. `after_commit` runs on
-    /// the writer thread once the write is durable.
+    /// the writer thread once the write is durable (and may take what it needs from the value).
     fn write<T: Send + 'static>(
         &self,
         barrier: bool,
         work: impl FnOnce(&Txn<'_>) -> Result<T> + Send + 'static,
-        after_commit: impl FnOnce(&T) + Send + 'static,
+        after_commit: impl FnOnce(&mut T) + Send + 'static,
     ) -> Fut<T> {
         let (tx, rx) = oneshot::channel();
         let body = move |txn: &Txn<'_>| {
@@ -115,8 +136,8 @@ impl SqliteStore {
                 keep: result.is_ok(),
                 completion: Box::new(move |committed: Result<(), StorageError>| {
                     let outcome = match (committed, result) {
-                        (Ok(()), Ok(value)) => {
-                            after_commit(&value);
+                        (Ok(()), Ok(mut value)) => {
+                            after_commit(&mut value);
                             Ok(value)
                         }
                         (Err(storage), Ok(_)) => Err(ServerError::Storage(storage)),
@@ -150,9 +171,9 @@ impl SqliteStore {
                 }
                 Ok(epoch)
             },
-            move |epoch| {
-                if let Some(epoch) = epoch {
-                    on_commit(*epoch)
+            move |epoch: &mut Option<u64>| {
+                if let Some(epoch) = *epoch {
+                    on_commit(epoch)
                 }
             },
         )
@@ -202,17 +223,22 @@ impl Store for SqliteStore {
         let _ = self.write(false, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {});
     }
 
-    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit) -> Fut<BatchAck> {
-        self.write(
+    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck> {
+        let written = self.write(
             false,
             move |txn| {
                 admit()?;
                 let ack = txn.append(sid, &session_id, &batch)?;
                 failpoint::hit("server-before-commit");
-                Ok(ack)
+                let applied = applied_ops(batch, &ack);
+                Ok((ack, applied))
             },
-            |_| failpoint::hit("server-after-commit"),
-        )
+            move |(_, applied)| {
+                failpoint::hit("server-after-commit");
+                publish(std::mem::take(applied));
+            },
+        );
+        Box::pin(async move { Ok(written.await?.0) })
     }
 
     fn snapshot_page(&self, sid: i64, after: Option<(EntityKind, String)>, limit: u32) -> Fut<SnapshotPage> {
@@ -225,6 +251,10 @@ impl Store for SqliteStore {
 
     fn session(&self, session_id: String) -> Fut<Option<SessionRow>> {
         self.read(move |reader| reader.session(&session_id))
+    }
+
+    fn last_batch_seq(&self, sid: i64, client: capsync_persistence::Id16) -> Fut<u64> {
+        self.read(move |reader| reader.last_batch_seq(sid, &client))
     }
 
     fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()> {

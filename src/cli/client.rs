@@ -95,6 +95,16 @@ pub struct PullArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct TailArgs {
+    uri: String,
+    /// One JSON object per op: {"seq", "op", "kind", "id", "parent", "data"}.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    outbox: OutboxArg,
+}
+
+#[derive(Args, Debug)]
 pub struct StatusArgs {
     #[arg(long)]
     json: bool,
@@ -234,9 +244,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
         println!("synced {ops} ops ({duplicates} already applied); the outbox is drained");
         return Ok(ExitCode::SUCCESS);
     }
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let stop = super::shutdown_signal();
     tokio::pin!(stop);
     let mut failures = 0u32;
     loop {
@@ -315,4 +323,38 @@ fn status_json(s: &RefStatus) -> serde_json::Value {
         "cursor": s.cursor,
         "last_error": s.last_error,
     })
+}
+
+/// Prints ops as they are applied, following across disconnects and server restarts.
+pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let client = args.outbox.open()?;
+    let name = attach(&client, &args.uri)?;
+    let json = args.json;
+    let print = move |ops: &[capsync_persistence::LoggedOp]| {
+        let mut out = std::io::stdout().lock();
+        for logged in ops {
+            let line = match &logged.op.body {
+                capsync_persistence::OpBody::Put(e) => {
+                    let data: serde_json::Value = serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null);
+                    if json {
+                        json!({"seq": logged.seq, "op": "put", "kind": e.kind.name(), "id": e.id, "parent": e.parent_id, "data": data}).to_string()
+                    } else {
+                        format!("{:>8}  put     {:<8} {}  {}", logged.seq, e.kind.name(), e.id, data)
+                    }
+                }
+                capsync_persistence::OpBody::Delete { kind, id } => {
+                    if json {
+                        json!({"seq": logged.seq, "op": "delete", "kind": kind.name(), "id": id}).to_string()
+                    } else {
+                        format!("{:>8}  delete  {:<8} {}", logged.seq, kind.name(), id)
+                    }
+                }
+            };
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    };
+    client.follow(&name, print, super::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
 }

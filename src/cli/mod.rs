@@ -41,6 +41,8 @@ enum Command {
     Pull(client::PullArgs),
     /// Show each attached ref: state, op counts, cursor.
     Status(client::StatusArgs),
+    /// Follow a session live: print each op as it is applied (into the local replica too).
+    Tail(client::TailArgs),
 }
 
 /// Where the admin client finds the admin sturdy URI.
@@ -80,6 +82,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sync(args) => local(client::sync(args)),
         Command::Pull(args) => local(client::pull(args)),
         Command::Status(args) => client::status(args),
+        Command::Tail(args) => local(client::tail(args)),
     }
 }
 
@@ -87,6 +90,22 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 fn local<F: Future<Output = anyhow::Result<ExitCode>>>(future: F) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     tokio::task::LocalSet::new().block_on(&runtime, future)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Parses durations like `90`, `45s`, `30m`, `1h`, `7d` into seconds.

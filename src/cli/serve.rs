@@ -20,24 +20,10 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = capsync_server::ServerConfig::new(&args.data_dir);
     config.max_connections = args.max_connections.max(1);
-    capsync_server::serve_blocking(&args.listen, config, shutdown_signal())
+    capsync_server::serve_blocking(&args.listen, config, async {
+        super::shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+    })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown signal received");
 }

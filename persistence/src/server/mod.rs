@@ -227,6 +227,14 @@ impl ServerReader {
         admin_epoch(&self.conn)
     }
 
+    /// The last batchSeq of `client` applied to session `sid` (0 if none).
+    pub fn last_batch_seq(&self, sid: i64, client: &Id16) -> Result<u64, StorageError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT coalesce(max(batch_seq), 0) FROM client_batches WHERE sid = ?1 AND client_id = ?2")?
+            .query_row(params![sid, &client[..]], |r| r.get::<_, i64>(0))? as u64)
+    }
+
     /// Up to `limit` entities ordered by (kind, id) after `after`, with the cursor they
     /// reflect, read in one transaction.
     pub fn snapshot_page(

@@ -1,0 +1,141 @@
+//! `Session.subscribe`: every op after a cursor, then live ops, in seq order, with no gap and
+//! no duplicate, through `Listener.onOps` as a streaming call.
+//!
+//! Each subscription is a task holding only its cursor. It reads from the session's feed ring
+//! when it can and from the op log when it has fallen behind, and awaits the stream's flow
+//! control before sending more, so a slow listener costs the server one stream window
+//! (64 KiB), not a growing queue. It ends with `onEnd("revoked")` the moment a revocation
+//! reaches its chain, `onEnd("expired")` at expiry, `onEnd("shutdown")` when the server stops,
+//! and silently when the client drops or cancels the `Subscription`.
+
+use crate::access::Access;
+use crate::convert;
+use crate::error::ServerError;
+use crate::gateway::Connection;
+use crate::store::now_ms;
+use capsync_persistence::LoggedOp;
+use capsync_schema::capsync_capnp::{listener, subscription};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+/// Ops and approximate bytes in one `onOps` call.
+const MAX_OPS_PER_CALL: usize = 1000;
+const MAX_BYTES_PER_CALL: usize = 1024 * 1024;
+
+pub struct SubscriptionImpl {
+    cancel: RefCell<Option<oneshot::Sender<()>>>,
+}
+
+impl subscription::Server for SubscriptionImpl {
+    async fn cancel(self: Rc<Self>, _: subscription::CancelParams, _: subscription::CancelResults) -> Result<(), capnp::Error> {
+        if let Some(cancel) = self.cancel.borrow_mut().take() {
+            let _ = cancel.send(());
+        }
+        Ok(())
+    }
+}
+
+/// Starts delivering to `listener` and returns the capability that keeps it alive.
+pub fn start(access: Access, conn: Rc<Connection>, listener: listener::Client, after: u64) -> subscription::Client {
+    let (cancel_tx, cancel_rx) = oneshot::channel();
+    let tasks = conn.shared.subscription_tasks.clone();
+    tasks.spawn_local(run(access, conn, listener, after, cancel_rx));
+    capnp_rpc::new_client(SubscriptionImpl { cancel: RefCell::new(Some(cancel_tx)) })
+}
+
+/// Leaves the feed and the count however the task ends.
+struct Membership {
+    conn: Rc<Connection>,
+    sid: i64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let shared = &self.conn.shared;
+        shared.feeds.leave(self.sid);
+        shared.subscriptions.set(shared.subscriptions.get().saturating_sub(1));
+    }
+}
+
+async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, after: u64, mut cancel: oneshot::Receiver<()>) {
+    let shared = conn.shared.clone();
+    let feed = shared.feeds.join(access.sid);
+    shared.subscriptions.set(shared.subscriptions.get() + 1);
+    let _membership = Membership { conn: conn.clone(), sid: access.sid };
+    let mut head = feed.watch_head();
+    let mut revocations = shared.registry.watch_revocations();
+    let mut closing = shared.closing.clone();
+    let expiry = async {
+        match access.expires_at {
+            0 => std::future::pending::<()>().await,
+            at => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+        }
+    };
+    tokio::pin!(expiry);
+    let mut cursor = after;
+    debug!(peer = %conn.peer, session = %access.session_id, after, "subscription started");
+
+    let end = loop {
+        if *closing.borrow() {
+            break Some("shutdown");
+        }
+        match access.check() {
+            Err(ServerError::Revoked) => break Some("revoked"),
+            Err(ServerError::Expired) => break Some("expired"),
+            _ => {}
+        }
+        head.borrow_and_update();
+        let ops: Vec<Arc<LoggedOp>> = match feed.read_after(cursor, MAX_OPS_PER_CALL, MAX_BYTES_PER_CALL) {
+            Some(ops) => ops,
+            None => match shared.store.changes(access.sid, cursor, MAX_OPS_PER_CALL as u32).await {
+                Ok((ops, _)) => ops.into_iter().map(Arc::new).collect(),
+                Err(err) => {
+                    warn!(error = %err, "a subscription could not read the op log");
+                    break Some("error");
+                }
+            },
+        };
+        if let Some(last) = ops.last().map(|o| o.seq) {
+            let mut request = listener.on_ops_request();
+            {
+                let mut params = request.get();
+                params.set_cursor(last);
+                let mut list = params.init_ops(ops.len() as u32);
+                for (i, op) in ops.iter().enumerate() {
+                    convert::set_applied_op(list.reborrow().get(i as u32), op);
+                }
+            }
+            // Sent now; the future completes when the stream's window has room again.
+            let flow = request.send();
+            tokio::select! {
+                sent = flow => {
+                    if sent.is_err() {
+                        break None;
+                    }
+                }
+                _ = &mut cancel => break None,
+                _ = revocations.changed() => {}
+                _ = closing.changed() => {}
+            }
+            cursor = last;
+            continue;
+        }
+        tokio::select! {
+            _ = head.changed() => {}
+            _ = revocations.changed() => {}
+            _ = closing.changed() => {}
+            _ = &mut expiry => {}
+            _ = &mut cancel => break None,
+        }
+    };
+    if let Some(reason) = end {
+        debug!(peer = %conn.peer, reason, "subscription ended");
+        let mut request = listener.on_end_request();
+        request.get().set_reason(reason);
+        let _ = tokio::time::timeout(Duration::from_secs(2), request.send().promise).await;
+    }
+}
