@@ -397,3 +397,34 @@ fn a_hundred_subscribers_each_receive_every_op() {
         println!("100 subscribers x 1000 ops: delivery latency from append start p50 {:?} p99 {:?}", p(0.5), p(0.99));
     });
 }
+
+fn admin_stats(data: &Path) -> serde_json::Value {
+    let (ok, stdout, stderr) = cli(&["admin", "--admin-file", data.join("admin.uri").to_str().unwrap(), "stats", "--json"]);
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn dropping_the_subscription_ends_it_and_shutdown_ends_the_rest_with_on_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    let seen = run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let (_, _gate, dropped) = subscribe(&session, 0, true).await;
+        let (kept, _gate2, _sub) = subscribe(&session, 0, true).await;
+        assert_eq!(admin_stats(&data)["subscriptions"], 2);
+        drop(dropped);
+        wait_until("the dropped subscription ended", Duration::from_secs(10), || admin_stats(&data)["subscriptions"] == 1).await;
+
+        // SIGTERM: the remaining subscription gets onEnd("shutdown") before the server exits.
+        let pid = server.pid().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        wait_until("onEnd arrived", Duration::from_secs(10), || !kept.borrow().ends.is_empty()).await;
+        let ends = kept.borrow().ends.iter().map(|e| e.0.clone()).collect::<Vec<_>>();
+        ends
+    });
+    assert_eq!(seen, ["shutdown"]);
+}

@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod admin;
+mod bench;
 mod client;
 mod serve;
 mod share;
@@ -43,6 +44,8 @@ enum Command {
     Status(client::StatusArgs),
     /// Follow a session live: print each op as it is applied (into the local replica too).
     Tail(client::TailArgs),
+    /// Measure capsync on this machine: scenarios and figures side by side.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the admin client finds the admin sturdy URI.
@@ -83,6 +86,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pull(args) => local(client::pull(args)),
         Command::Status(args) => client::status(args),
         Command::Tail(args) => local(client::tail(args)),
+        Command::Bench(args) => local(bench::run(args)),
     }
 }
 
