@@ -139,7 +139,7 @@ impl Client {
     /// Pulls `name`'s session into its local replica and returns the replica's cursor.
     pub async fn pull(&self, name: &str) -> Result<PullReport> {
         let uri = self.uri(name)?;
-        pull::pull(&self.db, name, &uri).await
+        pull::pull(&self.db, name, &uri, self.options.tls_ca.as_deref()).await
     }
 
     /// Follows `name`'s session live into its replica, calling `on_ops` with each run of new

@@ -7,7 +7,7 @@ use capsync_schema::capsync_capnp::{admin, gateway, session};
 use capnp::capability::FromClientHook;
 use capsync_persistence::Rights;
 use capsync_schema::capsync_capnp::grant;
-use capsync_schema::Token;
+use capsync_schema::{SturdyUri, Token};
 use futures::future::LocalBoxFuture;
 
 /// Resolves to what a redeem granted, once its answer arrives.
@@ -47,20 +47,49 @@ pub struct Connection {
     closed: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Longest a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Connection {
-    /// Dials `address` (`HOST:PORT`). Must be called inside a tokio `LocalSet`.
+    /// Dials `address` (`HOST:PORT`) over plain TCP. Must be called inside a tokio `LocalSet`.
     pub async fn open(address: &str) -> Result<Connection> {
+        let stream = Self::tcp(address).await?;
+        let (reader, writer) = stream.into_split();
+        Ok(Self::start(reader.compat(), writer.compat_write()))
+    }
+
+    /// Dials the server of a sturdy URI: TLS for `capsyncs://` (verified against `tls_ca`,
+    /// or the system roots when `None`), plain TCP for `capsync://`.
+    pub async fn connect(uri: &SturdyUri, tls_ca: Option<&std::path::Path>) -> Result<Connection> {
+        if !uri.tls {
+            return Self::open(&uri.address).await;
+        }
+        let config = crate::tls::client_config(tls_ca)?;
+        let name = rustls::pki_types::ServerName::try_from(uri.host().to_owned())
+            .map_err(|_| ClientError::Invalid(format!("`{}` is not a valid TLS server name", uri.host())))?;
+        let stream = Self::tcp(&uri.address).await?;
+        let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(config).connect(name, stream))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))
+            .and_then(|r| r)
+            .map_err(|source| ClientError::Tls { address: uri.address.clone(), source })?;
+        let (reader, writer) = tokio::io::split(tls);
+        Ok(Self::start(reader.compat(), writer.compat_write()))
+    }
+
+    async fn tcp(address: &str) -> Result<tokio::net::TcpStream> {
         let stream = tokio::net::TcpStream::connect(address)
             .await
             .map_err(|source| ClientError::Connect { address: address.to_owned(), source })?;
         stream.set_nodelay(true).map_err(|source| ClientError::Connect { address: address.to_owned(), source })?;
-        let (reader, writer) = stream.into_split();
-        let network = twoparty::VatNetwork::new(
-            reader.compat(),
-            writer.compat_write(),
-            Side::Client,
-            capnp::message::ReaderOptions::new(),
-        );
+        Ok(stream)
+    }
+
+    fn start(
+        reader: impl futures::AsyncRead + Unpin + 'static,
+        writer: impl futures::AsyncWrite + Unpin + 'static,
+    ) -> Connection {
+        let network = twoparty::VatNetwork::new(reader, writer, Side::Client, capnp::message::ReaderOptions::new());
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
@@ -71,7 +100,7 @@ impl Connection {
             }
             let _ = closed_tx.send(true);
         });
-        Ok(Connection { gateway, disconnector: Some(disconnector), closed })
+        Connection { gateway, disconnector: Some(disconnector), closed }
     }
 
     /// Completes when the connection has ended, for whatever reason.

@@ -7,6 +7,9 @@ use capsync_schema::uri::UriError;
 pub enum ClientError {
     #[error("cannot reach {address}")]
     Connect { address: String, #[source] source: std::io::Error },
+    /// The TLS handshake failed: a certificate the client does not trust, a name mismatch...
+    #[error("TLS with {address} failed")]
+    Tls { address: String, #[source] source: std::io::Error },
     #[error("{0}")]
     Uri(#[from] UriError),
     /// The server answered with an exception; `marker` says which kind when it has one.

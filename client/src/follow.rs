@@ -61,7 +61,7 @@ pub async fn follow(
     let mut failures = 0u32;
     loop {
         let outcome = tokio::select! {
-            outcome = round(db, name, uri, &mut on_ops, &mut failures) => outcome,
+            outcome = round(db, name, uri, options, &mut on_ops, &mut failures) => outcome,
             _ = &mut stop => return Ok(()),
         };
         match outcome {
@@ -91,16 +91,23 @@ pub async fn follow(
     }
 }
 
-async fn round(db: &Db, name: &str, uri: &SturdyUri, on_ops: &mut impl FnMut(&[LoggedOp]), failures: &mut u32) -> Result<Round> {
+async fn round(
+    db: &Db,
+    name: &str,
+    uri: &SturdyUri,
+    options: &SyncOptions,
+    on_ops: &mut impl FnMut(&[LoggedOp]),
+    failures: &mut u32,
+) -> Result<Round> {
     let replica = {
         let n = name.to_owned();
         db.call(move |db| db.replica_cursor(&n)).await?
     };
     let mut cursor = match replica {
         Some((_, cursor)) => cursor,
-        None => pull::pull(db, name, uri).await?.cursor,
+        None => pull::pull(db, name, uri, options.tls_ca.as_deref()).await?.cursor,
     };
-    let conn = Connection::open(&uri.address).await?;
+    let conn = Connection::connect(uri, options.tls_ca.as_deref()).await?;
     let (session, _grant) = conn.session(&uri.token);
     let (events_tx, mut events) = mpsc::channel(4);
     let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events: events_tx });

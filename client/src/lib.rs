@@ -24,6 +24,7 @@
 //! - [`sync`]: the sync engine: pipelined redeem + replay, acks, backoff.
 //! - [`follow`]: live subscription into the replica, resuming from its cursor.
 //! - [`pull`]: snapshot and changes into the local replica.
+//! - [`tls`]: TLS client configuration for `capsyncs://` URIs.
 //! - [`connection`]: one Cap'n Proto connection and pipelined redeems.
 //! - [`wire`]: storage model to wire structs and back.
 //! - [`store`]: the client database, off the RPC thread.
@@ -36,6 +37,7 @@ pub mod follow;
 pub mod pull;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod wire;
 
 pub use api::{Change, Client, RefStatus};

@@ -20,8 +20,8 @@ pub struct PullReport {
 /// Entities per snapshot page and ops per changes page that the client asks for.
 const PAGE: u32 = 1000;
 
-pub async fn pull(db: &Db, name: &str, uri: &SturdyUri) -> Result<PullReport> {
-    let conn = Connection::open(&uri.address).await?;
+pub async fn pull(db: &Db, name: &str, uri: &SturdyUri, tls_ca: Option<&std::path::Path>) -> Result<PullReport> {
+    let conn = Connection::connect(uri, tls_ca).await?;
     let (session, grant) = conn.session(&uri.token);
     let mut report = PullReport::default();
     let replica = db.call({

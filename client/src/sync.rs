@@ -32,6 +32,8 @@ pub struct SyncOptions {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
+    /// CA certificates (PEM) to verify `capsyncs://` servers with; system roots when `None`.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for SyncOptions {
@@ -44,6 +46,7 @@ impl Default for SyncOptions {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            tls_ca: None,
         }
     }
 }
@@ -144,7 +147,7 @@ async fn round(
     options: &SyncOptions,
     report: &mut SyncReport,
 ) -> Result<()> {
-    let conn = tokio::time::timeout(options.connect_timeout, Connection::open(&uri.address))
+    let conn = tokio::time::timeout(options.connect_timeout, Connection::connect(uri, options.tls_ca.as_deref()))
         .await
         .map_err(|_| ClientError::Connect {
             address: uri.address.clone(),

@@ -1,9 +1,11 @@
-//! Sturdy URIs: `capsync://HOST:PORT/TOKEN`, the address and the secret in one string.
+//! Sturdy URIs: `capsync://HOST:PORT/TOKEN` (plain TCP) or `capsyncs://HOST:PORT/TOKEN` (TLS),
+//! the address and the secret in one string.
 
 use crate::token::{Token, TokenError};
 use std::fmt;
 
 pub const SCHEME: &str = "capsync://";
+pub const TLS_SCHEME: &str = "capsyncs://";
 
 /// A parsed sturdy URI. Formatting shows `capsync://HOST:PORT/csy_<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -11,11 +13,13 @@ pub struct SturdyUri {
     /// `HOST:PORT`, as given.
     pub address: String,
     pub token: Token,
+    /// `capsyncs://`: connect with TLS and verify the server.
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UriError {
-    #[error("a sturdy URI looks like capsync://HOST:PORT/TOKEN")]
+    #[error("a sturdy URI looks like capsync://HOST:PORT/TOKEN (or capsyncs:// for TLS)")]
     Shape,
     #[error("the URI's address needs a host and a port")]
     Address,
@@ -25,11 +29,30 @@ pub enum UriError {
 
 impl SturdyUri {
     pub fn new(address: impl Into<String>, token: Token) -> SturdyUri {
-        SturdyUri { address: address.into(), token }
+        SturdyUri { address: address.into(), token, tls: false }
+    }
+
+    pub fn with_tls(mut self, tls: bool) -> SturdyUri {
+        self.tls = tls;
+        self
+    }
+
+    /// The host part of the address, without brackets around an IPv6 literal.
+    pub fn host(&self) -> &str {
+        let host = self.address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.address);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { TLS_SCHEME } else { SCHEME }
     }
 
     pub fn parse(text: &str) -> Result<SturdyUri, UriError> {
-        let rest = text.trim().strip_prefix(SCHEME).ok_or(UriError::Shape)?;
+        let text = text.trim();
+        let (tls, rest) = match text.strip_prefix(TLS_SCHEME) {
+            Some(rest) => (true, rest),
+            None => (false, text.strip_prefix(SCHEME).ok_or(UriError::Shape)?),
+        };
         let (address, token) = rest.split_once('/').ok_or(UriError::Shape)?;
         let port_ok = address
             .rsplit_once(':')
@@ -37,17 +60,17 @@ impl SturdyUri {
         if !port_ok {
             return Err(UriError::Address);
         }
-        Ok(SturdyUri { address: address.to_owned(), token: Token::parse(token)? })
+        Ok(SturdyUri { address: address.to_owned(), token: Token::parse(token)?, tls })
     }
 
     /// The full URI with its secret, for the one place that must hand it to the user.
     pub fn expose(&self) -> String {
-        format!("{SCHEME}{}/{}", self.address, self.token.expose())
+        format!("{}{}/{}", self.scheme(), self.address, self.token.expose())
     }
 
     /// The URI with the token redacted, safe for logs and status output.
     pub fn redacted(&self) -> String {
-        format!("{SCHEME}{}/{}", self.address, self.token)
+        format!("{}{}/{}", self.scheme(), self.address, self.token)
     }
 }
 
@@ -75,6 +98,11 @@ mod tests {
         assert_eq!(uri.address, "127.0.0.1:7420");
         assert_eq!(uri.expose(), text);
         assert!(!format!("{uri} {uri:?}").contains(&token.expose()[4..]));
+        assert!(!uri.tls);
+        let tls = SturdyUri::parse(&format!("capsyncs://[::1]:7420/{}", token.expose())).unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.host(), "::1");
+        assert!(tls.expose().starts_with("capsyncs://[::1]:7420/csy_"));
     }
 
     #[test]

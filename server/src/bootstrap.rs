@@ -32,7 +32,7 @@ pub fn dial_address(addr: SocketAddr) -> String {
     SocketAddr::new(ip, addr.port()).to_string()
 }
 
-pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_dir: &Path, listen: SocketAddr) -> Result<()> {
+pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_dir: &Path, listen: SocketAddr, tls: bool) -> Result<()> {
     let path = data_dir.join(ADMIN_URI_FILE);
     let address = dial_address(listen);
     if let Some(existing) = std::fs::read_to_string(&path).ok().and_then(|t| SturdyUri::parse(&t).ok()) {
@@ -41,8 +41,8 @@ pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_
             r.token.target_kind == TargetKind::Admin && Access::from_resolution(r, registry).is_ok()
         });
         if valid {
-            if existing.address != address {
-                write_private(&path, &SturdyUri::new(address, existing.token).expose())?;
+            if existing.address != address || existing.tls != tls {
+                write_private(&path, &SturdyUri::new(address, existing.token).with_tls(tls).expose())?;
                 info!(file = %path.display(), "admin URI address updated");
             }
             return Ok(());
@@ -63,7 +63,7 @@ pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_
     };
     let epoch = store.renew_admin(row).await?;
     registry.bump(crate::registry::ObjectKey::Admin, epoch);
-    write_private(&path, &SturdyUri::new(address, token).expose())?;
+    write_private(&path, &SturdyUri::new(address, token).with_tls(tls).expose())?;
     info!(file = %path.display(), epoch, "admin URI written");
     Ok(())
 }

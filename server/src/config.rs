@@ -10,6 +10,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub reader_threads: usize,
     pub limits: Limits,
+    /// Serve TLS (`capsyncs://`) with this configuration; plain TCP when `None`.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Limits on what one request may carry (DESIGN §9).
@@ -47,6 +49,6 @@ impl Default for Limits {
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
-        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default() }
+        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None }
     }
 }

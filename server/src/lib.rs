@@ -26,6 +26,7 @@
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
 //! - [`convert`]: wire structs to storage model and back, with per-op validation.
 //! - [`bootstrap`]: `<data-dir>/admin.uri`.
+//! - [`tls`]: the TLS server configuration from PEM files.
 //! - [`config`]: settings and limits.
 //! - [`error`]: [`ServerError`] and its one mapping to `capsync/...` markers.
 
@@ -43,6 +44,7 @@ pub mod sequencer;
 pub mod session;
 pub mod store;
 pub mod subscription;
+pub mod tls;
 
 pub use config::{Limits, ServerConfig};
 pub use error::ServerError;

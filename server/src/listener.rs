@@ -15,7 +15,7 @@ use std::future::Future;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::rc::Rc;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::compat::{TokioAsyncReadCompatExt as _, TokioAsyncWriteCompatExt as _};
 use tokio_util::task::TaskTracker;
@@ -30,7 +30,8 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
     let store: Rc<dyn Store> = Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads)?);
     let registry = Arc::new(EpochRegistry::default());
     let local = listener.local_addr()?;
-    bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local).await?;
+    bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local, config.tls.is_some()).await?;
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let (closing_subscriptions, closing) = watch::channel(false);
     let shared = Rc::new(Shared {
         store: store.clone(),
@@ -70,8 +71,26 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
         let shared = shared.clone();
         let closing = closing.clone();
         let options = reader_options(&config);
+        let tls = tls.clone();
         tracker.spawn_local(async move {
-            serve_connection(stream, peer.to_string(), shared, options, closing).await;
+            let peer = peer.to_string();
+            if let Err(err) = stream.set_nodelay(true) {
+                debug!(error = %err, "set_nodelay failed");
+            }
+            match tls {
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    serve_connection(reader.compat(), writer.compat_write(), peer, shared, options, closing).await;
+                }
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let (reader, writer) = tokio::io::split(tls);
+                        serve_connection(reader.compat(), writer.compat_write(), peer, shared, options, closing).await;
+                    }
+                    Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
+                    Err(_) => debug!(peer = %peer, "TLS handshake timed out"),
+                },
+            }
             drop(permit);
         });
     }
@@ -98,21 +117,21 @@ fn reader_options(config: &ServerConfig) -> ReaderOptions {
     options
 }
 
+/// Longest a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[instrument(skip_all, fields(peer = %peer))]
 async fn serve_connection(
-    stream: TcpStream,
+    reader: impl futures::AsyncRead + Unpin + 'static,
+    writer: impl futures::AsyncWrite + Unpin + 'static,
     peer: String,
     shared: Rc<Shared>,
     options: ReaderOptions,
     mut closing: watch::Receiver<bool>,
 ) {
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(error = %err, "set_nodelay failed");
-    }
     shared.connections.set(shared.connections.get() + 1);
     debug!("connection opened");
-    let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), Side::Server, options);
+    let network = twoparty::VatNetwork::new(reader, writer, Side::Server, options);
     let conn = Rc::new(Connection { shared: shared.clone(), peer });
     let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(conn));
     let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));

@@ -68,7 +68,7 @@ pub fn load_admin_uri(admin: &AdminRef) -> anyhow::Result<SturdyUri> {
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let uri = load_admin_uri(&args.admin)?;
-    let conn = Connection::open(&uri.address).await?;
+    let conn = Connection::connect(&uri, args.admin.tls.tls_ca.as_deref()).await?;
     let (admin, _grant) = conn.admin(&uri.token);
     let outcome = command(&admin, &uri, args.command).await;
     conn.close().await;
@@ -92,7 +92,7 @@ async fn command(admin: &admin::Client, uri: &SturdyUri, command: AdminCommand) 
             let response = rpc(request.send().promise.await)?;
             let results = rpc(response.get())?;
             let token = capsync_schema::Token::parse(&text(results.get_token())?)?;
-            let owner = SturdyUri::new(uri.address.clone(), token);
+            let owner = SturdyUri::new(uri.address.clone(), token).with_tls(uri.tls);
             eprintln!("created session {}", &text(results.get_session_id())?);
             println!("{}", owner.expose());
         }

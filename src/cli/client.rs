@@ -16,6 +16,8 @@ pub struct OutboxArg {
     /// else ~/.local/share/capsync/outbox.db.
     #[arg(long, env = "CAPSYNC_OUTBOX", value_name = "PATH")]
     outbox: Option<PathBuf>,
+    #[command(flatten)]
+    tls: super::TlsArg,
 }
 
 impl OutboxArg {
@@ -32,7 +34,9 @@ impl OutboxArg {
 
     fn open(&self) -> anyhow::Result<Client> {
         let path = self.path()?;
-        Client::open(&path).with_context(|| format!("opening the outbox {}", path.display()))
+        let client = Client::open(&path).with_context(|| format!("opening the outbox {}", path.display()))?;
+        let options = capsync_client::SyncOptions { tls_ca: self.tls.tls_ca.clone(), ..client.options().clone() };
+        Ok(client.with_options(options))
     }
 }
 

@@ -48,6 +48,14 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// How client commands verify a `capsyncs://` server.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArg {
+    /// CA certificates (PEM) to verify capsyncs:// servers against, instead of the system roots.
+    #[arg(long, env = "CAPSYNC_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+}
+
 /// Where the admin client finds the admin sturdy URI.
 #[derive(Args, Debug, Clone)]
 pub struct AdminRef {
@@ -58,6 +66,8 @@ pub struct AdminRef {
     /// File holding the admin sturdy URI.
     #[arg(long, value_name = "PATH", default_value = "./capsync-data/admin.uri")]
     admin_file: PathBuf,
+    #[command(flatten)]
+    tls: TlsArg,
 }
 
 pub fn init_logging(cli: &Cli) {

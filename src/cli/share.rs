@@ -20,6 +20,8 @@ pub struct ShareArgs {
     /// How long the share lives (90s, 30m, 1h, 7d); by default as long as its parent.
     #[arg(long, value_parser = super::parse_duration)]
     ttl: Option<u64>,
+    #[command(flatten)]
+    tls: super::TlsArg,
 }
 
 fn parse_rights(text: &str) -> Result<Rights, String> {
@@ -40,7 +42,7 @@ fn parse_rights(text: &str) -> Result<Rights, String> {
 
 pub async fn run(args: ShareArgs) -> anyhow::Result<ExitCode> {
     let uri = SturdyUri::parse(&args.uri).context("the URI")?;
-    let conn = Connection::open(&uri.address).await?;
+    let conn = Connection::connect(&uri, args.tls.tls_ca.as_deref()).await?;
     let (session, _grant) = conn.session(&uri.token);
     let mut request = session.mint_request();
     {
@@ -57,7 +59,7 @@ pub async fn run(args: ShareArgs) -> anyhow::Result<ExitCode> {
     let token = Token::parse(&super::admin::text(results.get_token())?)?;
     let share_id = super::admin::text(results.get_share_id())?;
     eprintln!("minted share {share_id}");
-    println!("{}", SturdyUri::new(uri.address.clone(), token).expose());
+    println!("{}", SturdyUri::new(uri.address.clone(), token).with_tls(uri.tls).expose());
     conn.close().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -35,12 +35,22 @@ impl Server {
         Server::start_with_env(data_dir, listen, &[])
     }
 
+    /// Starts a server with extra `serve` arguments, on a free loopback port.
+    pub fn start_with_args(data_dir: &Path, args: &[&str]) -> Server {
+        Server::spawn(data_dir, "127.0.0.1:0", &[], args)
+    }
+
     pub fn start_with_env(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
+        Server::spawn(data_dir, listen, env, &[])
+    }
+
+    fn spawn(data_dir: &Path, listen: &str, env: &[(&str, &str)], args: &[&str]) -> Server {
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env("RUST_LOG", "trace")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
