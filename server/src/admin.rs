@@ -51,6 +51,7 @@ fn text_param(text: capnp::Result<capnp::text::Reader<'_>>, what: &str) -> Resul
 impl admin::Server for AdminImpl {
     #[instrument(skip_all, fields(peer = %self.conn.peer))]
     async fn create_session(self: Rc<Self>, params: admin::CreateSessionParams, mut results: admin::CreateSessionResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let title = text_param(params.get()?.get_title(), "title")?;
         let session_id = uuid::Uuid::now_v7().to_string();
@@ -81,6 +82,7 @@ impl admin::Server for AdminImpl {
     }
 
     async fn list_sessions(self: Rc<Self>, _: admin::ListSessionsParams, mut results: admin::ListSessionsResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let sessions = self.conn.shared.store.list_sessions().await?;
         let mut list = results.get().init_sessions(sessions.len() as u32);
@@ -91,6 +93,7 @@ impl admin::Server for AdminImpl {
     }
 
     async fn list_shares(self: Rc<Self>, params: admin::ListSharesParams, mut results: admin::ListSharesResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let session_id = text_param(params.get()?.get_session_id(), "sessionId")?;
         let store = &self.conn.shared.store;
@@ -107,6 +110,7 @@ impl admin::Server for AdminImpl {
 
     #[instrument(skip_all, fields(peer = %self.conn.peer))]
     async fn revoke_share(self: Rc<Self>, params: admin::RevokeShareParams, mut results: admin::RevokeShareResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let share_id = text_param(params.get()?.get_share_id(), "shareId")?;
         let mut event = self.conn.event("revoke", Some(&self.access), "share");
@@ -124,6 +128,7 @@ impl admin::Server for AdminImpl {
 
     #[instrument(skip_all, fields(peer = %self.conn.peer))]
     async fn revoke_session(self: Rc<Self>, params: admin::RevokeSessionParams, mut results: admin::RevokeSessionResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let session_id = text_param(params.get()?.get_session_id(), "sessionId")?;
         let mut event = self.conn.event("revoke", Some(&self.access), "session");
@@ -141,6 +146,7 @@ impl admin::Server for AdminImpl {
     }
 
     async fn audit(self: Rc<Self>, params: admin::AuditParams, mut results: admin::AuditResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let params = params.get()?;
         let limit = match params.get_limit() {
@@ -164,6 +170,7 @@ impl admin::Server for AdminImpl {
     }
 
     async fn stats(self: Rc<Self>, _: admin::StatsParams, mut results: admin::StatsResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.check()?;
         let stored = self.conn.shared.store.stats().await?;
         let shared = &self.conn.shared;

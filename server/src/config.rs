@@ -30,19 +30,32 @@ pub struct Limits {
     pub max_page_items: u32,
     /// Bytes of entity data one page returns at most (a page always holds at least one item).
     pub max_page_bytes: usize,
+    /// Calls a connection may have in flight at once; more fail with `capsync/overloaded`.
+    pub max_calls_in_flight: usize,
+    /// A connection that has not completed its first frame, or has been inside one, for this
+    /// long is closed.
+    pub frame_timeout: std::time::Duration,
+    /// Failed redeems one peer address may make per `redeem_window` before its redeems are
+    /// refused with `capsync/overloaded` for the rest of the window.
+    pub max_failed_redeems: u32,
+    pub redeem_window: std::time::Duration,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            traversal_limit_words: 8 * 1024 * 1024, // 64 MiB
+            traversal_limit_words: 2 * 1024 * 1024, // 16 MiB
             nesting_limit: 16,
             max_batch_ops: 10_000,
-            max_batch_bytes: 32 * 1024 * 1024,
+            max_batch_bytes: 8 * 1024 * 1024,
             max_data_bytes: 1024 * 1024,
             max_id_bytes: 256,
             max_page_items: 5_000,
-            max_page_bytes: 8 * 1024 * 1024,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_calls_in_flight: 256,
+            frame_timeout: std::time::Duration::from_secs(10),
+            max_failed_redeems: 20,
+            redeem_window: std::time::Duration::from_secs(60),
         }
     }
 }

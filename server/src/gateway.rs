@@ -14,7 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 /// Server-wide state every connection shares (all on the RPC thread).
 pub struct Shared {
@@ -31,15 +31,47 @@ pub struct Shared {
     pub connections: Cell<u64>,
     pub live_capabilities: Cell<u64>,
     pub subscriptions: Cell<u64>,
+    /// Failed redeems per peer address in the current window: (window start, failures).
+    pub redeem_failures: RefCell<HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
 }
 
 /// Per-connection context handed to every capability served on it.
 pub struct Connection {
     pub shared: Rc<Shared>,
     pub peer: String,
+    pub in_flight: Cell<usize>,
+}
+
+/// Counts one call in flight on a connection until dropped.
+pub struct CallGuard {
+    conn: Rc<Connection>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.conn.in_flight.set(self.conn.in_flight.get().saturating_sub(1));
+    }
 }
 
 impl Connection {
+    pub fn new(shared: Rc<Shared>, peer: String) -> Connection {
+        Connection { shared, peer, in_flight: Cell::new(0) }
+    }
+
+    /// Admits one more call, or refuses it past the connection's limit.
+    pub fn begin_call(self: &Rc<Self>) -> Result<CallGuard, ServerError> {
+        let limit = self.shared.limits.max_calls_in_flight;
+        if self.in_flight.get() >= limit {
+            return Err(ServerError::Overloaded(format!("more than {limit} calls in flight on one connection")));
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        Ok(CallGuard { conn: self.clone() })
+    }
+
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
+    }
+
     pub fn event(&self, action: &str, access: Option<&Access>, detail: impl Into<String>) -> AuditEvent {
         AuditEvent {
             action: action.to_owned(),
@@ -76,7 +108,37 @@ impl GatewayImpl {
     fn failed(&self, err: ServerError) -> ServerError {
         info!(peer = %self.conn.peer, reason = %err.marker(), "redeem failed");
         self.conn.shared.store.audit(self.conn.event("redeem-failed", None, err.marker().as_str()));
+        if let Some(ip) = self.conn.peer_ip() {
+            let limits = &self.conn.shared.limits;
+            let mut failures = self.conn.shared.redeem_failures.borrow_mut();
+            let now = std::time::Instant::now();
+            let entry = failures.entry(ip).or_insert((now, 0));
+            if now.duration_since(entry.0) > limits.redeem_window {
+                *entry = (now, 0);
+            }
+            entry.1 += 1;
+            if entry.1 == limits.max_failed_redeems {
+                warn!(peer = %self.conn.peer, "too many failed redeems: refusing this address's redeems for a while");
+                self.conn.shared.store.audit(self.conn.event("redeem-throttled", None, format!("{} failed redeems", entry.1)));
+            }
+        }
         err
+    }
+
+    /// Refuses redeems from an address that failed too often in the current window, before any
+    /// lookup, so guessing tokens costs the guesser, not the server.
+    fn throttled(&self) -> bool {
+        let Some(ip) = self.conn.peer_ip() else { return false };
+        let limits = &self.conn.shared.limits;
+        let mut failures = self.conn.shared.redeem_failures.borrow_mut();
+        match failures.get(&ip) {
+            Some((start, _)) if start.elapsed() > limits.redeem_window => {
+                failures.remove(&ip);
+                false
+            }
+            Some((_, count)) => *count >= limits.max_failed_redeems,
+            None => false,
+        }
     }
 
     async fn resolve(&self, hash: TokenHash) -> Result<(Access, LiveCap), ServerError> {
@@ -105,6 +167,10 @@ impl GatewayImpl {
 impl gateway::Server for GatewayImpl {
     #[instrument(skip_all, fields(peer = %self.conn.peer))]
     async fn redeem(self: Rc<Self>, params: gateway::RedeemParams, mut results: gateway::RedeemResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
+        if self.throttled() {
+            return Err(ServerError::Overloaded("too many failed redeems from this address; try again later".into()).into());
+        }
         let text = params.get()?.get_token()?;
         let text = match text.to_str() {
             Ok(text) if text.len() <= MAX_TOKEN_TEXT => text,

@@ -15,6 +15,7 @@
 //! # Layout
 //!
 //! - [`listener`]: the accept loop, the connection limit and one `RpcSystem` per connection.
+//! - [`frames`]: the frame watchdog that closes connections stuck before or inside a frame.
 //! - [`gateway`]: `Gateway.redeem`, from token to live capability, and the shared state.
 //! - [`session`]: `Session` and `Share` (one implementation, limited by rights).
 //! - [`subscription`]: `subscribe`: catch-up then live ops to a streaming `Listener`.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod feed;
+pub mod frames;
 pub mod gateway;
 pub mod listener;
 pub mod registry;

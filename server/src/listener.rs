@@ -3,6 +3,7 @@
 use crate::bootstrap;
 use crate::config::ServerConfig;
 use crate::error::Result;
+use crate::frames::{FrameClock, FrameWatch};
 use crate::gateway::{Connection, GatewayImpl, Shared};
 use crate::registry::EpochRegistry;
 use crate::store::{SqliteStore, Store};
@@ -44,6 +45,7 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
         connections: Cell::new(0),
         live_capabilities: Cell::new(0),
         subscriptions: Cell::new(0),
+        redeem_failures: Default::default(),
     });
     info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
 
@@ -131,8 +133,11 @@ async fn serve_connection(
 ) {
     shared.connections.set(shared.connections.get() + 1);
     debug!("connection opened");
+    let clock = FrameClock::new();
+    let reader = FrameWatch::new(reader, clock.clone(), shared.limits.traversal_limit_words * 8);
     let network = twoparty::VatNetwork::new(reader, writer, Side::Server, options);
-    let conn = Rc::new(Connection { shared: shared.clone(), peer });
+    let frame_timeout = shared.limits.frame_timeout;
+    let conn = Rc::new(Connection::new(shared.clone(), peer));
     let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(conn));
     let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
     tokio::select! {
@@ -141,8 +146,20 @@ async fn serve_connection(
             Err(err) => debug!(error = %err, "connection ended"),
         },
         _ = closing.wait_for(|closing| *closing) => debug!("connection closed for shutdown"),
+        _ = stuck_in_frame(&clock, frame_timeout) => info!("connection closed: no complete frame within the frame timeout"),
     }
     shared.connections.set(shared.connections.get().saturating_sub(1));
+}
+
+/// Completes once the connection has been before or inside a frame for longer than `limit`.
+async fn stuck_in_frame(clock: &FrameClock, limit: std::time::Duration) {
+    let tick = (limit / 4).max(std::time::Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        if clock.pending_for().is_some_and(|d| d > limit) {
+            return;
+        }
+    }
 }
 
 /// Runs [`run`] on a fresh single-threaded runtime and `LocalSet`; for the binary.

@@ -77,6 +77,7 @@ impl session::Server for SessionImpl {
     /// Batches of one client reach the writer in batchSeq order whatever order their calls
     /// were dispatched in (see [`crate::sequencer`]).
     async fn append(self: Rc<Self>, params: session::AppendParams, mut results: session::AppendResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.require(APPEND, "append")?;
         let batch = convert::batch(params.get()?.get_batch()?, &self.conn.shared.limits)?;
         debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
@@ -101,6 +102,7 @@ impl session::Server for SessionImpl {
     }
 
     async fn snapshot(self: Rc<Self>, params: session::SnapshotParams, mut results: session::SnapshotResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.require(READ, "snapshot")?;
         let params = params.get()?;
         let after = if params.has_start_after() {
@@ -130,6 +132,7 @@ impl session::Server for SessionImpl {
     }
 
     async fn changes(self: Rc<Self>, params: session::ChangesParams, mut results: session::ChangesResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.require(READ, "changes")?;
         let params = params.get()?;
         let limit = self.page_limit(params.get_limit());
@@ -147,6 +150,7 @@ impl session::Server for SessionImpl {
     }
 
     async fn subscribe(self: Rc<Self>, params: session::SubscribeParams, mut results: session::SubscribeResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.require(READ, "subscribe")?;
         let params = params.get()?;
         let listener = params.get_listener()?;
@@ -156,6 +160,7 @@ impl session::Server for SessionImpl {
     }
 
     async fn mint(self: Rc<Self>, params: session::MintParams, mut results: session::MintResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.require(MINT, "mint")?;
         let params = params.get()?;
         let rights = convert::rights_from(params.get_rights()?);
@@ -217,6 +222,7 @@ impl session::Server for SessionImpl {
     }
 
     async fn info(self: Rc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> Result<(), capnp::Error> {
+        let _call = self.conn.begin_call()?;
         self.access.check()?;
         let session = self
             .conn

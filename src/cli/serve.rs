@@ -24,11 +24,42 @@ pub struct ServeArgs {
     /// Allow listening beyond loopback without TLS (tokens would cross the network in clear).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Largest Cap'n Proto message the server reads; a larger one closes the connection.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    max_message_bytes: usize,
+    /// Ops one batch may carry (capsync/too-large beyond).
+    #[arg(long, default_value_t = 10_000)]
+    max_batch_ops: usize,
+    /// Entity bytes one batch may carry (capsync/too-large beyond).
+    #[arg(long, default_value_t = 8 * 1024 * 1024, value_name = "BYTES")]
+    max_batch_bytes: usize,
+    /// Size of one entity's data (the op is rejected beyond).
+    #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
+    max_data_bytes: usize,
+    /// Calls one connection may have in flight (capsync/overloaded beyond).
+    #[arg(long, default_value_t = 256)]
+    max_calls_in_flight: usize,
+    /// Close a connection that has not completed its first frame, or has been inside a frame,
+    /// for this long (90s, 1m...).
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    frame_timeout: u64,
+    /// Failed redeems per peer address per minute before its redeems are refused for the rest
+    /// of that minute (capsync/overloaded).
+    #[arg(long, default_value_t = 20)]
+    max_failed_redeems: u32,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = capsync_server::ServerConfig::new(&args.data_dir);
     config.max_connections = args.max_connections.max(1);
+    let limits = &mut config.limits;
+    limits.traversal_limit_words = (args.max_message_bytes / 8).max(1024);
+    limits.max_batch_ops = args.max_batch_ops;
+    limits.max_batch_bytes = args.max_batch_bytes;
+    limits.max_data_bytes = args.max_data_bytes;
+    limits.max_calls_in_flight = args.max_calls_in_flight.max(1);
+    limits.frame_timeout = std::time::Duration::from_secs(args.frame_timeout.max(1));
+    limits.max_failed_redeems = args.max_failed_redeems.max(1);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(capsync_server::tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("{e}"))?);
     }
