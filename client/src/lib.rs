@@ -23,6 +23,7 @@
 //! - [`api`]: [`Client`], the application API.
 //! - [`sync`]: the sync engine: pipelined redeem + replay, acks, backoff.
 //! - [`follow`]: live subscription into the replica, resuming from its cursor.
+//! - [`jsonl`]: the JSON Lines op format of `capsync push`.
 //! - [`pull`]: snapshot and changes into the local replica.
 //! - [`tls`]: TLS client configuration for `capsyncs://` URIs.
 //! - [`connection`]: one Cap'n Proto connection and pipelined redeems.
@@ -34,6 +35,7 @@ pub mod api;
 pub mod connection;
 pub mod error;
 pub mod follow;
+pub mod jsonl;
 pub mod pull;
 pub mod store;
 pub mod sync;

@@ -26,6 +26,20 @@ pub struct Txn<'a> {
     pub(crate) conn: &'a Connection,
 }
 
+impl<'a> Txn<'a> {
+    /// Runs `work` in one transaction on `conn`, committing if it returns `Ok`. For tests,
+    /// tools and fuzzing; the server writes only through its [`Writer`].
+    pub fn run<T, E: From<crate::StorageError>>(
+        conn: &mut Connection,
+        work: impl FnOnce(&Txn<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let tx = conn.transaction().map_err(|e| E::from(e.into()))?;
+        let value = work(&Txn { conn: &tx })?;
+        tx.commit().map_err(|e| E::from(e.into()))?;
+        Ok(value)
+    }
+}
+
 type JobBody = Box<dyn for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send>;
 
 /// A unit of work for the writer.

@@ -54,10 +54,8 @@ impl SturdyUri {
             None => (false, text.strip_prefix(SCHEME).ok_or(UriError::Shape)?),
         };
         let (address, token) = rest.split_once('/').ok_or(UriError::Shape)?;
-        let port_ok = address
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !port_ok {
+        let valid = address.rsplit_once(':').is_some_and(|(host, port)| valid_host(host) && port.parse::<u16>().is_ok());
+        if !valid {
             return Err(UriError::Address);
         }
         Ok(SturdyUri { address: address.to_owned(), token: Token::parse(token)?, tls })
@@ -72,6 +70,15 @@ impl SturdyUri {
     pub fn redacted(&self) -> String {
         format!("{}{}/{}", self.scheme(), self.address, self.token)
     }
+}
+
+/// A DNS name or IPv4 address (`[A-Za-z0-9.-]`, at most 253 bytes), or an IPv6 address in
+/// brackets.
+fn valid_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
 }
 
 impl fmt::Debug for SturdyUri {
@@ -113,5 +120,17 @@ mod tests {
         assert_eq!(SturdyUri::parse(&format!("capsync://nohost/{t}")), Err(UriError::Address));
         assert_eq!(SturdyUri::parse(&format!("capsync://h:99999/{t}")), Err(UriError::Address));
         assert!(matches!(SturdyUri::parse("capsync://h:1/csy_x"), Err(UriError::Token(_))));
+        for host in ["bad host", "h\u{7}x", "[not-v6]", "a_b", &"x".repeat(254)] {
+            assert_eq!(SturdyUri::parse(&format!("capsync://{host}:1/{t}")), Err(UriError::Address), "{host:?}");
+        }
+        assert!(SturdyUri::parse(&format!("capsync://sync.example-1.com:7420/{t}")).is_ok());
+    }
+
+    /// Found by the sturdy_uri fuzz target: control and non-ASCII bytes (and a copy of the
+    /// token) in the host were accepted.
+    #[test]
+    fn fuzz_regression_garbage_host() {
+        let input = include_bytes!("../tests/fuzz-regressions/uri-host-garbage.bin");
+        assert_eq!(SturdyUri::parse(&String::from_utf8_lossy(input)), Err(UriError::Address));
     }
 }

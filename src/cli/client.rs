@@ -161,33 +161,7 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
 /// Reads every line first: one bad line and nothing from the file is queued.
 fn read_jsonl(path: &PathBuf) -> anyhow::Result<Vec<Change>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut changes = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let change = parse_line(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        changes.push(change);
-    }
-    Ok(changes)
-}
-
-fn parse_line(line: &str) -> anyhow::Result<Change> {
-    let value: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
-    let field = |name: &str| value.get(name).and_then(|v| v.as_str());
-    let kind = field("kind").context("missing \"kind\"")?;
-    let kind = parse_kind(kind).map_err(anyhow::Error::msg)?;
-    let id = field("id").context("missing \"id\"")?.to_owned();
-    match field("op") {
-        Some("put") => {
-            let data = value.get("data").context("missing \"data\"")?;
-            let parent = field("parent").unwrap_or("").to_owned();
-            Ok(Change::Put { kind, id, parent, data: serde_json::to_vec(data)? })
-        }
-        Some("delete") => Ok(Change::Delete { kind, id }),
-        Some(other) => bail!("unknown op `{other}`; use put or delete"),
-        None => bail!("missing \"op\""),
-    }
+    capsync_client::jsonl::parse(&text).map_err(|(line, err)| anyhow::anyhow!("{}: line {line}: {err}", path.display()))
 }
 
 pub async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,100 @@
+//! Issue 7, token hygiene: every flow of the CLI at `trace`, and no token anywhere in what the
+//! processes logged or printed (except the sturdy URIs `create-session` and `share` print on
+//! purpose), nor in the audit table.
+
+mod common;
+
+use capsync_schema::SturdyUri;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn no_flow_logs_prints_or_audits_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let admin_file = data.join("admin.uri");
+    let admin_file = admin_file.to_str().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    let mut printed = String::new();
+    let mut run = |args: &[&str], secret_stdout: bool| -> (bool, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .env("CAPSYNC_OUTBOX", &outbox)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        printed.push_str(&String::from_utf8_lossy(&out.stderr));
+        if !secret_stdout {
+            printed.push_str(&stdout);
+        }
+        (out.status.success(), stdout)
+    };
+
+    let (ok, owner) = run(&["admin", "--admin-file", admin_file, "create-session", "--title", "hygiene"], true);
+    assert!(ok);
+    let owner = owner.trim().to_owned();
+    let (ok, writer) = run(&["share", &owner, "--rights", "read,append,mint", "--label", "w", "--ttl", "1h"], true);
+    assert!(ok);
+    let writer = writer.trim().to_owned();
+    let (ok, reader) = run(&["share", &writer, "--rights", "read", "--label", "r"], true);
+    assert!(ok);
+    let reader = reader.trim().to_owned();
+    assert!(run(&["put", &writer, "--kind", "message", "--id", "m1", "--data", "{\"role\":\"user\"}"], false).0);
+    let ops = dir.path().join("ops.jsonl");
+    std::fs::write(&ops, "{\"op\":\"put\",\"kind\":\"part\",\"id\":\"p1\",\"parent\":\"m1\",\"data\":\"hi\"}\n").unwrap();
+    assert!(run(&["push", &writer, "--file", ops.to_str().unwrap()], false).0);
+    assert!(run(&["sync"], false).0);
+    assert!(run(&["pull", &reader, "--json"], false).0);
+    assert!(run(&["status", "--json"], false).0);
+    assert!(run(&["status"], false).0);
+    let mut tail = Command::new(BIN)
+        .args(["tail", &reader, "--json"])
+        .env("RUST_LOG", "trace")
+        .env("CAPSYNC_OUTBOX", dir.path().join("tail.db"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(run(&["put", &writer, "--kind", "message", "--id", "m2", "--data", "2"], false).0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(run(&["admin", "--admin-file", admin_file, "list-sessions", "--json"], false).0);
+    let (ok, shares) = run(&["admin", "--admin-file", admin_file, "list-shares", "--json"], false);
+    assert!(ok);
+    let shares: serde_json::Value = serde_json::from_str(&shares).unwrap();
+    let writer_id = shares.as_array().unwrap().iter().find(|s| s["label"] == "w").unwrap()["share_id"].as_str().unwrap().to_owned();
+    assert!(run(&["admin", "--admin-file", admin_file, "revoke-share", &writer_id], false).0);
+    // Error paths: a revoked ref, a forged token, a malformed URI.
+    assert!(!run(&["put", &writer, "--kind", "message", "--id", "m3", "--data", "3"], false).0);
+    assert!(!run(&["pull", &reader], false).0);
+    let forged = SturdyUri::new(server.addr.clone(), capsync_schema::Token::generate()).expose();
+    assert!(!run(&["pull", &forged], false).0);
+    assert!(!run(&["share", &format!("{owner}x"), "--rights", "read"], false).0);
+    assert!(run(&["admin", "--admin-file", admin_file, "audit", "--json"], false).0);
+    assert!(run(&["admin", "--admin-file", admin_file, "stats"], false).0);
+    tail.kill().unwrap();
+    let tail = tail.wait_with_output().unwrap();
+    printed.push_str(&String::from_utf8_lossy(&tail.stdout));
+    printed.push_str(&String::from_utf8_lossy(&tail.stderr));
+
+    let mut tokens: Vec<_> = [&owner, &writer, &reader, &forged].iter().map(|u| SturdyUri::parse(u).unwrap().token).collect();
+    tokens.push(server.admin_uri().token);
+    assert!(printed.contains("DEBUG"), "the flows ran with verbose logs");
+    assert!(printed.contains("capsync/revoked"), "the flows hit the revoked path");
+    assert_no_tokens(&printed, &tokens, "the CLI's output and logs");
+    assert_no_tokens(&server.log_text(), &tokens, "the server log");
+    let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
+    let audit: Vec<String> = db
+        .prepare("SELECT action || ' ' || target_id || ' ' || session_id || ' ' || peer || ' ' || detail FROM audit")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(audit.len() > 10);
+    assert_no_tokens(&audit.join("\n"), &tokens, "the audit table");
+}
