@@ -182,6 +182,12 @@ impl Client {
         })
     }
 
+    /// Forgets every ack of `name`, so the next sync replays all its batches (see
+    /// [`ClientDb::forget_acks`]). Returns how many batches will be replayed.
+    pub fn forget_acks(&self, name: &str) -> Result<u64> {
+        self.db.with(|db| db.forget_acks(name))
+    }
+
     /// Names of refs that have ops the server has not acknowledged.
     pub fn refs_with_work(&self) -> Result<Vec<String>> {
         self.db.with(|db| {

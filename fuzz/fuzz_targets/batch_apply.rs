@@ -11,9 +11,14 @@ use capsync_server::{convert, Limits};
 use libfuzzer_sys::fuzz_target;
 use std::cell::RefCell;
 
+fn fresh_db() -> rusqlite::Connection {
+    server::open(std::path::Path::new(":memory:")).expect("an in-memory server database")
+}
+
 thread_local! {
-    static DB: RefCell<rusqlite::Connection> =
-        RefCell::new(server::open(std::path::Path::new(":memory:")).expect("an in-memory server database"));
+    /// Reused across inputs (opening one costs more than most inputs); replaced every few
+    /// thousand so the fuzzer's memory does not grow with what it stored.
+    static DB: RefCell<(rusqlite::Connection, u32)> = RefCell::new((fresh_db(), 0));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -26,11 +31,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(incoming) = convert::batch(reader, &limits) else { return };
     // A fresh session and client, so the batch is applied rather than refused as a gap.
     let batch = IncomingBatch { batch_seq: 1, ..incoming };
-    DB.with(|db| {
-        let mut db = db.borrow_mut();
+    DB.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        cell.1 += 1;
+        if cell.1 % 5000 == 0 {
+            cell.0 = fresh_db();
+        }
+        let db = &mut cell.0;
         let session_id = uuid::Uuid::now_v7().to_string();
-        let sid = Txn::run(&mut db, |txn| txn.create_session(&session_id, "fuzz", 1)).expect("a session");
-        let first = Txn::run::<_, AppendError>(&mut db, |txn| txn.append(sid, &session_id, &batch)).expect("a fresh batch applies");
+        let sid = Txn::run(db, |txn| txn.create_session(&session_id, "fuzz", 1)).expect("a session");
+        let first = Txn::run::<_, AppendError>(db, |txn| txn.append(sid, &session_id, &batch)).expect("a fresh batch applies");
         assert_eq!(first.results.len(), batch.ops.len(), "one result per op");
         let mut last_seq = 0;
         for (r, op) in first.results.iter().zip(&batch.ops) {
@@ -45,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         assert_eq!(first.cursor, last_seq, "the cursor counts applied ops");
-        let again = Txn::run::<_, AppendError>(&mut db, |txn| txn.append(sid, &session_id, &batch)).expect("a replay answers");
+        let again = Txn::run::<_, AppendError>(db, |txn| txn.append(sid, &session_id, &batch)).expect("a replay answers");
         assert_eq!(again.cursor, first.cursor, "a replay changes nothing");
         for (a, b) in first.results.iter().zip(&again.results) {
             let expected = if a.status == OpStatus::Applied { OpStatus::Duplicate } else { a.status };

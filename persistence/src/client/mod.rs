@@ -294,6 +294,17 @@ impl ClientDb {
         Ok(c.pending + c.sent)
     }
 
+    /// Marks every acked batch of `name` unacknowledged again, as if its acks had been lost:
+    /// the next sync replays them all (the server answers `duplicate`). For benchmarks and
+    /// recovery drills.
+    pub fn forget_acks(&self, name: &str) -> Result<u64, StorageError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let n = tx.execute("UPDATE batches SET acked = 0 WHERE ref_name = ?1 AND acked = 1", [name])?;
+        tx.execute("UPDATE outbox SET state = 'sent' WHERE ref_name = ?1 AND state = 'acked'", [name])?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+
     /// Changes whenever another connection (another process) commits: cheap change polling.
     pub fn data_version(&self) -> Result<u64, StorageError> {
         Ok(self.conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))? as u64)
