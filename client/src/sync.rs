@@ -137,6 +137,43 @@ pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<Syn
     }
 }
 
+enum Progress {
+    Sent(u64),
+    Acked(capsync_persistence::BatchAck),
+}
+
+/// Records a round's progress in the outbox, many batches per local transaction.
+struct Recorder;
+
+impl Recorder {
+    fn start(db: Db, name: String) -> (tokio::sync::mpsc::UnboundedSender<Progress>, tokio::task::JoinHandle<Result<()>>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let task = tokio::task::spawn_local(async move {
+            while let Some(first) = rx.recv().await {
+                let mut sent = Vec::new();
+                let mut acks = Vec::new();
+                let mut take = |p: Progress| match p {
+                    Progress::Sent(seq) => sent.push(seq),
+                    Progress::Acked(ack) => acks.push(ack),
+                };
+                take(first);
+                while let Ok(more) = rx.try_recv() {
+                    take(more);
+                }
+                let recorded = acks.len();
+                let n = name.clone();
+                db.call(move |db| db.record_progress(&n, &sent, &acks)).await?;
+                for _ in 0..recorded {
+                    failpoint::hit("client-after-ack");
+                }
+                failpoint::hit("client-after-send");
+            }
+            Ok(())
+        });
+        (tx, task)
+    }
+}
+
 /// One connection's worth of work: redeem and replay pipelined, then everything else queued.
 async fn round(
     db: &Db,
@@ -154,37 +191,40 @@ async fn round(
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
         })??;
     let (session, grant) = conn.session(&uri.token);
+    // Progress (batches sent, acks) is recorded by one task that commits whatever has
+    // accumulated in one local transaction, so the send window refills at network speed
+    // instead of at fsync speed.
+    let (progress, recorder) = Recorder::start(db.clone(), name.to_owned());
     let mut in_flight = FuturesOrdered::new();
     let mut queue = batches.into_iter();
-    let mut sent = Vec::new();
     let window = options.window.max(1);
-    loop {
-        while in_flight.len() < window {
-            let Some(batch) = queue.next() else { break };
-            let promise = wire::append_request(&session, client_id, &batch).send().promise;
-            sent.push(batch.batch_seq);
-            in_flight.push_back(async move { (batch, promise.await) });
+    let outcome: Result<()> = async {
+        loop {
+            while in_flight.len() < window {
+                let Some(batch) = queue.next() else { break };
+                let promise = wire::append_request(&session, client_id, &batch).send().promise;
+                let _ = progress.send(Progress::Sent(batch.batch_seq));
+                in_flight.push_back(async move { (batch, promise.await) });
+            }
+            let Some((batch, response)) = in_flight.next().await else { return Ok(()) };
+            let response = response?;
+            let ack = wire::read_ack(response.get()?.get_ack()?)?;
+            if ack.batch_seq != batch.batch_seq || ack.results.len() != batch.ops.len() {
+                return Err(ClientError::Invalid(format!("the server's ack does not match batch {}", batch.batch_seq)));
+            }
+            report.batches += 1;
+            report.ops += batch.ops.len() as u64;
+            report.duplicates +=
+                ack.results.iter().filter(|r| r.status == capsync_persistence::OpStatus::Duplicate).count() as u64;
+            report.cursor = ack.cursor;
+            let _ = progress.send(Progress::Acked(ack));
         }
-        if !sent.is_empty() {
-            let (n, seqs) = (name.to_owned(), std::mem::take(&mut sent));
-            db.call(move |db| db.mark_sent(&n, &seqs)).await?;
-            failpoint::hit("client-after-send");
-        }
-        let Some((batch, response)) = in_flight.next().await else { break };
-        let response = response?;
-        let ack = wire::read_ack(response.get()?.get_ack()?)?;
-        if ack.batch_seq != batch.batch_seq || ack.results.len() != batch.ops.len() {
-            return Err(ClientError::Invalid(format!("the server's ack does not match batch {}", batch.batch_seq)));
-        }
-        report.batches += 1;
-        report.ops += batch.ops.len() as u64;
-        report.duplicates +=
-            ack.results.iter().filter(|r| r.status == capsync_persistence::OpStatus::Duplicate).count() as u64;
-        report.cursor = ack.cursor;
-        let n = name.to_owned();
-        db.call(move |db| db.record_ack(&n, &ack)).await?;
-        failpoint::hit("client-after-ack");
     }
+    .await;
+    drop(progress);
+    // Whatever happened on the wire, every ack received is recorded before the round ends.
+    recorder.await.map_err(|_| capsync_persistence::StorageError::Stopped)??;
+    outcome?;
     if let Ok(grant) = grant.await {
         let (n, id) = (name.to_owned(), grant.session_id);
         db.call(move |db| db.set_session_id(&n, &id)).await?;

@@ -233,10 +233,17 @@ impl ClientDb {
         Ok(batches)
     }
 
-    /// Records that these batches are going out (again).
-    pub fn mark_sent(&self, name: &str, batch_seqs: &[u64]) -> Result<(), StorageError> {
+    /// Applies an ack: each op's outcome, the batch, and the server's cursor, in one transaction.
+    pub fn record_ack(&self, name: &str, ack: &BatchAck) -> Result<(), StorageError> {
+        self.record_progress(name, &[], std::slice::from_ref(ack))
+    }
+
+    /// Records, in one transaction, that `sent` batches went out and what `acks` said: many
+    /// batches' progress shares one commit, and each ack's ops, batch and cursor still change
+    /// together.
+    pub fn record_progress(&self, name: &str, sent: &[u64], acks: &[BatchAck]) -> Result<(), StorageError> {
         let tx = self.conn.unchecked_transaction()?;
-        for seq in batch_seqs {
+        for seq in sent {
             tx.prepare_cached(
                 "UPDATE outbox SET state = CASE state WHEN 'pending' THEN 'sent' ELSE state END,
                                    attempts = attempts + 1
@@ -244,13 +251,14 @@ impl ClientDb {
             )?
             .execute(params![name, *seq as i64])?;
         }
+        for ack in acks {
+            Self::apply_ack(&tx, name, ack)?;
+        }
         tx.commit()?;
         Ok(())
     }
 
-    /// Applies an ack: each op's outcome, the batch, and the server's cursor, in one transaction.
-    pub fn record_ack(&self, name: &str, ack: &BatchAck) -> Result<(), StorageError> {
-        let tx = self.conn.unchecked_transaction()?;
+    fn apply_ack(tx: &rusqlite::Transaction<'_>, name: &str, ack: &BatchAck) -> Result<(), StorageError> {
         for r in &ack.results {
             let state = match r.status {
                 OpStatus::Applied | OpStatus::Duplicate => "acked",
@@ -266,7 +274,6 @@ impl ClientDb {
             .execute(params![name, ack.batch_seq as i64])?;
         tx.prepare_cached("UPDATE refs SET ack_cursor = max(ack_cursor, ?2), state = 'ok', last_error = '' WHERE name = ?1")?
             .execute(params![name, ack.cursor as i64])?;
-        tx.commit()?;
         Ok(())
     }
 

@@ -15,15 +15,18 @@ fn changes(n: u64, prefix: &str) -> impl Iterator<Item = Change> + '_ {
     (0..n).map(move |i| Change::Put { kind: EntityKind::Message, id: format!("{prefix}{i}"), parent: String::new(), data: harness::payload(i) })
 }
 
-/// Enqueues `n` ops and syncs them through a fresh outbox: (first-write ops/s, client).
-async fn push(ctx: &Ctx, server: &BenchServer, owner: &Token, n: u64, name: &str) -> anyhow::Result<(f64, Client)> {
+/// Enqueues `n` ops and syncs them through a fresh outbox: (ops/s end to end, client, share
+/// of the time spent committing them to the outbox).
+async fn push(ctx: &Ctx, server: &BenchServer, owner: &Token, n: u64, name: &str) -> anyhow::Result<(f64, Client, f64)> {
     let options = SyncOptions { window: 8, max_batch_ops: 100, ..SyncOptions::default() };
     let client = Client::open(ctx.dir.join(format!("{name}.db")))?.with_options(options);
     client.attach("s", &server.uri(owner))?;
     let started = Instant::now();
     client.enqueue("s", changes(n, name))?;
+    let enqueued = started.elapsed();
     client.sync("s").await?;
-    Ok((n as f64 / started.elapsed().as_secs_f64(), client))
+    let total = started.elapsed();
+    Ok((n as f64 / total.as_secs_f64(), client, enqueued.as_secs_f64() / total.as_secs_f64()))
 }
 
 /// Appends one put as batch `seq` and waits for its ack.
@@ -45,10 +48,12 @@ async fn append_one(session: &session::Client, client: &[u8; 16], seq: u64) -> a
 pub async fn s1(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>, f64)> {
     let n = if ctx.quick { 10_000 } else { 50_000 };
     let server = BenchServer::start(&ctx.dir.join("s1"))?;
-    let (mut ours, mut raw, mut redis) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut raw, mut redis, mut enqueue_share) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ctx.rounds {
         let (_, owner) = server.session().await?;
-        ours.push(push(ctx, &server, &owner, n, &format!("s1r{round}")).await?.0);
+        let (rate, _, share) = push(ctx, &server, &owner, n, &format!("s1r{round}")).await?;
+        ours.push(rate);
+        enqueue_share.push(share);
         let raw_dir = ctx.dir.join(format!("s1-raw-{round}"));
         std::fs::create_dir_all(&raw_dir)?;
         raw.push(harness::raw_sqlite_loop(&raw_dir, n, 100)?);
@@ -57,7 +62,8 @@ pub async fn s1(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>, f64)> {
     let ours = median(ours);
     let raw = median(raw);
     let redis = ctx.median_of(redis);
-    let figures = json!({"ops": n, "batch_ops": 100, "in_flight": 8, "capsync_ops_per_s": ours, "raw_sqlite_ops_per_s": raw, "redis_ops_per_s": redis});
+    let figures = json!({"ops": n, "batch_ops": 100, "in_flight": 8, "capsync_ops_per_s": ours, "outbox_commit_share": median(enqueue_share),
+        "raw_sqlite_ops_per_s": raw, "redis_ops_per_s": redis});
     let rows = vec![
         Row::ratio("S1 batched push vs Redis XADD -P 100", ours, redis, "ops/s", ">= 1.0x", 1.0),
         Row::ratio("S1 batched push vs raw rusqlite loop", ours, Some(raw), "ops/s", ">= 0.7x", 0.7),
@@ -146,7 +152,7 @@ pub async fn s4(ctx: &Ctx, empty_rate: f64) -> anyhow::Result<(Value, Vec<Row>)>
     }
     let loaded = median(loaded);
     let (_, fresh) = server.session().await?;
-    let (first, client) = push(ctx, &server, &fresh, replay_n, "s4replay").await?;
+    let (first, client, _) = push(ctx, &server, &fresh, replay_n, "s4replay").await?;
     client.forget_acks("s")?;
     let started = Instant::now();
     let report = client.sync("s").await?;
