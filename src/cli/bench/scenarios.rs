@@ -279,12 +279,13 @@ pub async fn s7(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     let mut request = admin.revoke_share_request();
     request.get().set_share_id(share.1.as_str());
     request.send().promise.await?;
+    let revoked_in = started.elapsed();
     let calls: Vec<_> = caps.iter().map(|cap| cap.info_request().send().promise).collect();
     let results = futures::future::join_all(calls).await;
     let elapsed = started.elapsed();
     let revoked = results.iter().filter(|r| matches!(r, Err(e) if capsync_schema::marker::of_error(e) == Some(Marker::Revoked))).count();
     anyhow::ensure!(revoked == caps.len(), "s7: {revoked} of {} capabilities failed with capsync/revoked", caps.len());
-    let figures = json!({"capabilities": caps.len(), "connections": conns.len(), "revoke_to_last_failure_ms": ms(elapsed)});
+    let figures = json!({"capabilities": caps.len(), "connections": conns.len(), "revoke_call_ms": ms(revoked_in), "revoke_to_last_failure_ms": ms(elapsed)});
     let mut row = Row::ratio("S7 revoke: 1,000 live caps on 100 conns", ms(elapsed), None, "ms", "<= 10 ms", 0.0);
     row.met = Some(ms(elapsed) <= 10.0);
     Ok((figures, vec![row]))
