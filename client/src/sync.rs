@@ -32,6 +32,9 @@ pub struct SyncOptions {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
+    /// With batches in flight, how long to wait for the next ack before taking the connection
+    /// for dead (a stopped or wedged server), reconnecting and replaying.
+    pub ack_timeout: Duration,
     /// CA certificates (PEM) to verify `capsyncs://` servers with; system roots when `None`.
     pub tls_ca: Option<std::path::PathBuf>,
 }
@@ -46,6 +49,7 @@ impl Default for SyncOptions {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(30),
             tls_ca: None,
         }
     }
@@ -206,7 +210,10 @@ async fn round(
                 let _ = progress.send(Progress::Sent(batch.batch_seq));
                 in_flight.push_back(async move { (batch, promise.await) });
             }
-            let Some((batch, response)) = in_flight.next().await else { return Ok(()) };
+            let next = tokio::time::timeout(options.ack_timeout, in_flight.next()).await.map_err(|_| {
+                ClientError::Rpc(capnp::Error::disconnected(format!("no ack within {:?}", options.ack_timeout)))
+            })?;
+            let Some((batch, response)) = next else { return Ok(()) };
             let response = response?;
             let ack = wire::read_ack(response.get()?.get_ack()?)?;
             if ack.batch_seq != batch.batch_seq || ack.results.len() != batch.ops.len() {

@@ -2,6 +2,7 @@
 //! its own data dir and a trace-level log, and a Cap'n Proto client in the test process.
 #![allow(dead_code)]
 
+pub mod checker;
 pub mod proxy;
 
 use capsync_client::Connection;
