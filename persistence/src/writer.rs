@@ -134,20 +134,33 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
     let mut completions = Vec::with_capacity(group.len());
     let committed = (|| -> Result<(), StorageError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // A job alone in its group needs no savepoint: the transaction is its savepoint.
+        let alone = group.len() == 1;
+        let mut keep_any = false;
         {
             let typed = Txn { conn: &tx };
             for job in group {
-                tx.execute_batch("SAVEPOINT job")?;
+                if !alone {
+                    tx.prepare_cached("SAVEPOINT job")?.execute([])?;
+                }
                 let outcome = (job.body)(&typed);
-                if outcome.keep {
-                    tx.execute_batch("RELEASE job")?;
-                } else {
-                    tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                keep_any |= outcome.keep;
+                if !alone {
+                    if outcome.keep {
+                        tx.prepare_cached("RELEASE job")?.execute([])?;
+                    } else {
+                        tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
+                        tx.prepare_cached("RELEASE job")?.execute([])?;
+                    }
                 }
                 completions.push(outcome.completion);
             }
         }
-        tx.commit()?;
+        if alone && !keep_any {
+            tx.rollback()?;
+        } else {
+            tx.commit()?;
+        }
         Ok(())
     })();
     if let Err(err) = &committed {
