@@ -38,27 +38,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `n` puts of messages `{prefix}{i}`, ~200 bytes of JSON each.
-fn write_jsonl(path: &Path, n: usize, prefix: &str) {
-    let mut out = String::with_capacity(n * 260);
-    for i in 0..n {
-        out.push_str(&format!(
-            "{{\"op\":\"put\",\"kind\":\"message\",\"id\":\"{prefix}{i}\",\"data\":{{\"role\":\"assistant\",\"i\":{i},\"text\":\"{}\"}}}}\n",
-            "lorem ipsum ".repeat(14)
-        ));
-    }
-    std::fs::write(path, out).unwrap();
-}
-
-/// A session and its owner URI on `server`.
-fn new_session(server: &Server) -> (String, Token) {
-    let admin = server.admin_uri();
-    run_local(async {
-        let conn = Connection::open(&server.addr).await.unwrap();
-        create_session(&conn, &admin.token, "client test").await
-    })
-}
-
 fn owner_uri(server: &Server, token: &Token) -> String {
     SturdyUri::new(server.addr.clone(), token.clone()).expose()
 }
@@ -70,14 +49,6 @@ fn server_state(addr: &str, owner: &Token) -> (u64, Vec<String>) {
         let (session, _) = conn.session(owner);
         let (cursor, entities) = snapshot(&session, 0).await.unwrap();
         (cursor, entities.into_iter().map(|e| e.1).collect())
-    })
-}
-
-fn server_cursor(addr: &str, owner: &Token) -> Option<u64> {
-    run_local(async {
-        let conn = Connection::open(addr).await.ok()?;
-        let (session, _) = conn.session(owner);
-        cursor(&session).await.ok()
     })
 }
 

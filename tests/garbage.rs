@@ -11,11 +11,6 @@ use std::io::Write as _;
 use std::process::Command;
 use std::time::Duration;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// One hostile connection of kind `kind`.
 fn attack(addr: &str, kind: u32, rng: &mut rand::rngs::StdRng) -> Option<std::net::TcpStream> {
     let mut stream = std::net::TcpStream::connect(addr).ok()?;

@@ -5,7 +5,7 @@ mod common;
 use capsync_client::{Client, Connection, SyncOptions};
 use capsync_persistence::EntityKind;
 use capsync_schema::capsync_capnp::{listener, session, subscription};
-use capsync_schema::{SturdyUri, Token};
+use capsync_schema::SturdyUri;
 use common::proxy::Proxy;
 use common::*;
 use rand::{Rng as _, SeedableRng as _};
@@ -74,39 +74,6 @@ async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> boo
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn write_jsonl(path: &Path, n: usize, prefix: &str) {
-    let mut out = String::new();
-    for i in 0..n {
-        out.push_str(&format!(
-            "{{\"op\":\"put\",\"kind\":\"message\",\"id\":\"{prefix}{i}\",\"data\":{{\"i\":{i},\"text\":\"{}\"}}}}\n",
-            "lorem ipsum ".repeat(14)
-        ));
-    }
-    std::fs::write(path, out).unwrap();
-}
-
-fn new_session(server: &Server) -> (String, Token) {
-    let admin = server.admin_uri();
-    run_local(async {
-        let conn = Connection::open(&server.addr).await.unwrap();
-        create_session(&conn, &admin.token, "subscribe test").await
-    })
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn server_cursor(addr: &str, owner: &Token) -> Option<u64> {
-    run_local(async {
-        let conn = Connection::open(addr).await.ok()?;
-        let (session, _) = conn.session(owner);
-        cursor(&session).await.ok()
-    })
 }
 
 #[test]

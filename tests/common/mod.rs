@@ -307,3 +307,39 @@ pub async fn snapshot(session: &session::Client, page: u32) -> Result<(u64, Vec<
 pub fn new_client_id() -> Vec<u8> {
     uuid::Uuid::new_v4().as_bytes().to_vec()
 }
+
+/// `n` puts of messages `{prefix}{i}` as JSON Lines for `capsync push`, ~200 bytes of data each.
+pub fn write_jsonl(path: &Path, n: usize, prefix: &str) {
+    let mut out = String::with_capacity(n * 260);
+    for i in 0..n {
+        out.push_str(&format!(
+            "{{\"op\":\"put\",\"kind\":\"message\",\"id\":\"{prefix}{i}\",\"data\":{{\"role\":\"assistant\",\"i\":{i},\"text\":\"{}\"}}}}\n",
+            "lorem ipsum ".repeat(14)
+        ));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// A new session on `server`: (session id, owner token).
+pub fn new_session(server: &Server) -> (String, Token) {
+    let admin = server.admin_uri();
+    run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        create_session(&conn, &admin.token, "test").await
+    })
+}
+
+/// The session's cursor as the owner sees it, or `None` if the server cannot be reached.
+pub fn server_cursor(addr: &str, owner: &Token) -> Option<u64> {
+    run_local(async {
+        let conn = Connection::open(addr).await.ok()?;
+        let (session, _) = conn.session(owner);
+        cursor(&session).await.ok()
+    })
+}
+
+/// A process's resident memory, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
