@@ -55,7 +55,10 @@ impl Sequencer {
                 None if !loading && last_applied.is_some() => {
                     entry.borrow_mut().loading = true;
                     let load = last_applied.take().expect("checked above");
+                    // If this call is dropped mid-load, another waiter must be able to load.
+                    let guard = Loading { entry: &entry };
                     let last = load().await;
+                    std::mem::forget(guard);
                     let mut e = entry.borrow_mut();
                     e.loading = false;
                     let last = last?;
@@ -88,6 +91,23 @@ impl Sequencer {
         let entry = self.entry(sid, client);
         let mut e = entry.borrow_mut();
         e.next = None;
+        for (_, waiters) in std::mem::take(&mut e.waiters) {
+            for w in waiters {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+/// Undoes `loading` when a load is abandoned, and wakes the waiters so one of them loads.
+struct Loading<'a> {
+    entry: &'a Rc<RefCell<ClientSeq>>,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut e = self.entry.borrow_mut();
+        e.loading = false;
         for (_, waiters) in std::mem::take(&mut e.waiters) {
             for w in waiters {
                 let _ = w.send(());
@@ -149,6 +169,19 @@ mod tests {
             let started = tokio::time::Instant::now();
             sequencer.turn(7, [2; 16], 9, || unreachable!("loaded once")).await.unwrap();
             assert_eq!(started.elapsed(), MAX_WAIT);
+        });
+    }
+
+    /// A load abandoned midway (its call dropped) lets the next batch load instead of waiting.
+    #[test]
+    fn an_abandoned_load_does_not_stall_the_next_batch() {
+        run(async {
+            let sequencer = Sequencer::default();
+            let stuck = sequencer.turn(7, [3; 16], 1, || Box::pin(std::future::pending()));
+            assert!(tokio::time::timeout(Duration::from_millis(10), stuck).await.is_err());
+            let started = tokio::time::Instant::now();
+            sequencer.turn(7, [3; 16], 1, || Box::pin(async { Ok(0) })).await.unwrap();
+            assert!(started.elapsed() < MAX_WAIT, "it loaded at once instead of waiting");
         });
     }
 }
