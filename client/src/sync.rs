@@ -37,6 +37,8 @@ pub struct SyncOptions {
     pub ack_timeout: Duration,
     /// CA certificates (PEM) to verify `capsyncs://` servers with; system roots when `None`.
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Counts acked ops as acks arrive (for progress displays); not persisted.
+    pub acked_ops: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for SyncOptions {
@@ -51,6 +53,7 @@ impl Default for SyncOptions {
             connect_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(30),
             tls_ca: None,
+            acked_ops: None,
         }
     }
 }
@@ -224,6 +227,9 @@ async fn round(
             report.duplicates +=
                 ack.results.iter().filter(|r| r.status == capsync_persistence::OpStatus::Duplicate).count() as u64;
             report.cursor = ack.cursor;
+            if let Some(counter) = &options.acked_ops {
+                counter.fetch_add(batch.ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let _ = progress.send(Progress::Acked(ack));
         }
     }

@@ -172,15 +172,16 @@ pub async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     client.enqueue(&name, changes).context("queueing the file's ops (none were queued)")?;
     let bar = progress_bar(total);
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let options = capsync_client::SyncOptions { acked_ops: Some(acked.clone()), ..client.options().clone() };
+    let client = client.with_options(options);
     let sync = deliver(&client, &name);
     tokio::pin!(sync);
     let report = loop {
         tokio::select! {
             done = &mut sync => break done,
-            _ = tokio::time::sleep(Duration::from_millis(200)), if !bar.is_hidden() => {
-                if let Some(s) = client.status()?.into_iter().find(|s| s.name == name) {
-                    bar.set_position(total.saturating_sub(s.counts.pending + s.counts.sent));
-                }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if !bar.is_hidden() => {
+                bar.set_position(acked.load(std::sync::atomic::Ordering::Relaxed).min(total));
             }
         }
     };
@@ -196,7 +197,7 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} ops acked ({per_sec}, eta {eta})") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {human_pos}/{human_len} ops acked, {elapsed} elapsed, eta {eta}") {
         bar.set_style(style);
     }
     bar
