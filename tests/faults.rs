@@ -1,0 +1,136 @@
+//! Issue 5 scenarios: a server stopped (SIGSTOP) longer than the client's timeouts, a token
+//! revoked mid-pipeline, a poison op in the middle of a long queue. Each is judged by the
+//! history checker of the chaos test.
+
+mod common;
+
+use capsync_client::{Change, Client, Connection, SyncOptions};
+use capsync_persistence::EntityKind;
+use capsync_schema::Marker;
+use common::checker;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn messages(range: std::ops::Range<usize>, prefix: &str) -> Vec<Change> {
+    range.map(|i| Change::Put { kind: EntityKind::Message, id: format!("{prefix}{i}"), parent: String::new(), data: b"{}".to_vec() }).collect()
+}
+
+/// The server's log as (seq, opId), read with the owner token.
+fn server_log(addr: &str, owner: &capsync_schema::Token) -> Vec<(u64, Vec<u8>)> {
+    run_local(async {
+        let conn = Connection::open(addr).await.unwrap();
+        let (session, _) = conn.session(owner);
+        let mut log = Vec::new();
+        loop {
+            let mut request = session.changes_request();
+            request.get().set_after(log.len() as u64);
+            let response = request.send().promise.await.unwrap();
+            let ops = response.get().unwrap().get_ops().unwrap();
+            if ops.is_empty() {
+                return log;
+            }
+            for op in ops.iter() {
+                log.push((op.get_seq(), op.get_op().unwrap().get_op_id().unwrap().to_vec()));
+            }
+        }
+    })
+}
+
+/// Waits (on another thread) until the server has applied something, then runs `act`.
+fn when_applying(addr: String, owner: capsync_schema::Token, act: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server_cursor(&addr, &owner).unwrap_or(0) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        act();
+    })
+}
+
+#[test]
+fn a_server_stopped_longer_than_the_client_timeouts_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_, owner) = new_session(&server);
+    let options = SyncOptions {
+        ack_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        max_attempts: 50,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        max_batch_ops: 100,
+        ..SyncOptions::default()
+    };
+    let client = Client::open(dir.path().join("c.db")).unwrap().with_options(options);
+    client.attach("s", &capsync_schema::SturdyUri::new(server.addr.clone(), owner.clone()).expose()).unwrap();
+    client.enqueue("s", messages(0..30_000, "m")).unwrap();
+    let pid = server.pid().to_string();
+    let stopper = when_applying(server.addr.clone(), owner.clone(), move || {
+        assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    });
+    let report = run_local(async { client.sync("s").await }).expect("the sync rides out the stop");
+    stopper.join().unwrap();
+    println!("sync after a 3 s SIGSTOP: {} batches, {} ops answered duplicate on replay", report.batches, report.duplicates);
+    assert!(report.duplicates > 0, "the ack timeout fired and the client replayed on a new connection");
+    let history = checker::history(&dir.path().join("c.db"));
+    let verdict = checker::check(&[history], &server_log(&server.addr, &owner), true).unwrap();
+    assert_eq!(verdict.logged, 30_000);
+}
+
+#[test]
+fn a_token_revoked_mid_pipeline_stops_the_ref_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    let (share, share_id) = run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        mint(&conn.session(&owner).0, "read,append", "writer", 0).await.unwrap()
+    });
+    let options = SyncOptions { max_batch_ops: 50, ..SyncOptions::default() };
+    let client = Client::open(dir.path().join("c.db")).unwrap().with_options(options);
+    client.attach("s", &capsync_schema::SturdyUri::new(server.addr.clone(), share).expose()).unwrap();
+    client.enqueue("s", messages(0..40_000, "m")).unwrap();
+    let admin_file = data.join("admin.uri").to_str().unwrap().to_owned();
+    let revoker = when_applying(server.addr.clone(), owner.clone(), move || {
+        let (ok, _, stderr) = cli(&["admin", "--admin-file", &admin_file, "revoke-share", &share_id]);
+        assert!(ok, "{stderr}");
+    });
+    let result = run_local(async { client.sync("s").await });
+    revoker.join().unwrap();
+    let err = result.expect_err("the sync stops at the revocation");
+    assert_eq!(err.marker(), Some(Marker::Revoked), "{err}");
+    let status = client.status().unwrap();
+    assert_eq!(status[0].state, "revoked");
+    let history = checker::history(&dir.path().join("c.db"));
+    let verdict = checker::check(&[history], &server_log(&server.addr, &owner), false).unwrap();
+    println!("revoked mid-pipeline: {} acked, {} kept queued, {} in the log", verdict.acked, verdict.indeterminate, verdict.logged);
+    assert!(verdict.acked > 0 && verdict.indeterminate > 0, "the revocation landed mid-stream");
+    assert_eq!(status[0].counts.pending + status[0].counts.sent, verdict.indeterminate as u64, "nothing unacked was dropped");
+}
+
+#[test]
+fn a_poison_op_in_a_long_queue_is_rejected_and_wedges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_, owner) = new_session(&server);
+    let options = SyncOptions { max_batch_ops: 100, ..SyncOptions::default() };
+    let client = Client::open(dir.path().join("c.db")).unwrap().with_options(options);
+    client.attach("s", &capsync_schema::SturdyUri::new(server.addr.clone(), owner.clone()).expose()).unwrap();
+    client.enqueue("s", messages(0..3000, "a")).unwrap();
+    let poison = client.put("s", EntityKind::Part, "p", "no-such-message", b"{}").unwrap();
+    client.enqueue("s", messages(0..3000, "b")).unwrap();
+    run_local(async { client.sync("s").await }).unwrap();
+    let counts = client.status().unwrap()[0].counts;
+    assert_eq!((counts.acked, counts.rejected, counts.pending + counts.sent), (6000, 1, 0));
+    let history = checker::history(&dir.path().join("c.db"));
+    let rejected: Vec<_> = history.iter().filter(|op| op.state == "rejected").collect();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].op_id, poison.to_vec());
+    let log = server_log(&server.addr, &owner);
+    let without_poison: Vec<_> = history.into_iter().filter(|op| op.state != "rejected").collect();
+    checker::check(&[without_poison], &log, true).unwrap();
+}
