@@ -11,17 +11,6 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Runs `capsync` with an outbox and extra environment; waits for it.
-fn capsync(outbox: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("CAPSYNC_OUTBOX", outbox)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
 fn spawn_capsync(outbox: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(BIN)
         .args(args)
@@ -64,12 +53,6 @@ fn assert_exactly_once(addr: &str, owner: &Token, n: usize, prefix: &str) {
     got.sort();
     assert_eq!(got.len(), expected.len(), "no entity is missing");
     assert!(got == expected);
-}
-
-fn status_json(outbox: &Path) -> serde_json::Value {
-    let out = capsync(outbox, &["status", "--json"], &[]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

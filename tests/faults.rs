@@ -134,3 +134,105 @@ fn a_poison_op_in_a_long_queue_is_rejected_and_wedges_nothing() {
     let without_poison: Vec<_> = history.into_iter().filter(|op| op.state != "rejected").collect();
     checker::check(&[without_poison], &log, true).unwrap();
 }
+
+#[test]
+fn a_client_killed_before_its_outbox_commit_or_before_sending_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_, owner) = new_session(&server);
+    let uri = capsync_schema::SturdyUri::new(server.addr.clone(), owner.clone()).expose();
+    let ops = dir.path().join("ops.jsonl");
+    write_jsonl(&ops, 2000, "e");
+    let outbox = dir.path().join("c.db");
+
+    // Killed inside the outbox transaction: push never said the ops were taken, and none are.
+    let out = capsync(&outbox, &["push", &uri, "--file", ops.to_str().unwrap()], &[("CAPSYNC_FAILPOINTS", "client-before-enqueue-commit")]);
+    assert!(!out.status.success() && out.stdout.is_empty(), "no success was reported");
+    let queued: u64 = status_json(&outbox)["refs"].as_array().unwrap().iter().map(|r| r["pending"].as_u64().unwrap()).sum();
+    assert_eq!(queued, 0, "an interrupted enqueue leaves nothing half-queued");
+    assert_eq!(server_cursor(&server.addr, &owner), Some(0));
+
+    // Killed after the commit, before the first send: all queued, nothing sent; sync delivers.
+    let out = capsync(&outbox, &["push", &uri, "--file", ops.to_str().unwrap()], &[("CAPSYNC_FAILPOINTS", "client-before-send")]);
+    assert!(!out.status.success());
+    assert_eq!(status_json(&outbox)["refs"][0]["pending"], 2000);
+    assert_eq!(server_cursor(&server.addr, &owner), Some(0), "nothing was sent");
+    let out = capsync(&outbox, &["sync"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let verdict = checker::check(&[checker::history(&outbox)], &server_log(&server.addr, &owner), true).unwrap();
+    assert_eq!(verdict.logged, 2000);
+}
+
+#[test]
+fn a_server_killed_mid_revocation_revokes_all_or_nothing() {
+    for (failpoint, durable) in [("server-revoke-before-commit", false), ("server-revoke-after-commit", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let server = Server::start_with_env(&data, "127.0.0.1:0", &[("CAPSYNC_FAILPOINTS", failpoint)]);
+        let addr = server.addr.clone();
+        let (_, owner) = new_session(&server);
+        let (share, share_id) = run_local(async {
+            let conn = Connection::open(&addr).await.unwrap();
+            mint(&conn.session(&owner).0, "read", "r", 0).await.unwrap()
+        });
+        let admin_file = data.join("admin.uri");
+        let admin_file = admin_file.to_str().unwrap();
+        let (ok, _, _) = cli(&["admin", "--admin-file", admin_file, "revoke-share", &share_id]);
+        assert!(!ok, "{failpoint}: the server died before answering");
+        drop(server);
+        let server = Server::start_at(&data, &addr);
+        let after_restart = run_local(async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            cursor(&conn.session(&share).0).await
+        });
+        if durable {
+            assert_marker(after_restart, Marker::Revoked);
+        } else {
+            after_restart.expect("a revocation that never committed changed nothing");
+        }
+        // The admin retries, as one does after an unanswered revoke: it takes either way.
+        let (ok, _, stderr) = cli(&["admin", "--admin-file", admin_file, "revoke-share", &share_id]);
+        assert!(ok, "{stderr}");
+        run_local(async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            assert_marker(cursor(&conn.session(&share).0).await, Marker::Revoked);
+        });
+    }
+}
+
+#[test]
+fn a_server_killed_mid_migration_keeps_the_old_schema_and_upgrades_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
+        for sql in capsync_persistence::server::schema::CREATE_V1 {
+            db.execute_batch(sql).unwrap();
+        }
+        db.pragma_update(None, "user_version", 1).unwrap();
+        db.execute("INSERT INTO sessions (id, title, created_at) VALUES ('01940000-0000-7000-8000-000000000001', 'from v1', 1)", []).unwrap();
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("CAPSYNC_FAILPOINTS", "mid-migration")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the server died inside the migration");
+    {
+        let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
+        let version: u32 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let audit: i64 = db.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'audit'", [], |r| r.get(0)).unwrap();
+        assert_eq!((version, audit), (1, 0), "the half-done migration was rolled back whole");
+    }
+    let server = Server::start(&data);
+    let (ok, stdout, stderr) = cli(&["admin", "--admin-file", data.join("admin.uri").to_str().unwrap(), "list-sessions", "--json"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("from v1"), "the v1 data survived the upgrade: {stdout}");
+    drop(server);
+    let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
+    let version: u32 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, capsync_persistence::server::schema::PLAN.current_version);
+}

@@ -7,7 +7,7 @@ use crate::store::Db;
 use crate::sync::{self, SyncOptions, SyncReport};
 use capsync_persistence::client::{ClientDb, OpCounts};
 use capsync_persistence::{Entity, EntityKind, Id16, Op, OpBody};
-use capsync_schema::failpoint;
+use capsync_persistence::failpoint;
 use capsync_schema::SturdyUri;
 use std::path::Path;
 use std::time::Duration;

@@ -12,7 +12,7 @@ use crate::error::{ClientError, Result};
 use crate::store::Db;
 use crate::wire;
 use capsync_persistence::client::FormedBatch;
-use capsync_schema::failpoint;
+use capsync_persistence::failpoint;
 use capsync_schema::marker::Marker;
 use capsync_schema::SturdyUri;
 use futures::stream::{FuturesOrdered, StreamExt as _};
@@ -209,6 +209,7 @@ async fn round(
         loop {
             while in_flight.len() < window {
                 let Some(batch) = queue.next() else { break };
+                failpoint::hit("client-before-send");
                 let promise = wire::append_request(&session, client_id, &batch).send().promise;
                 let _ = progress.send(Progress::Sent(batch.batch_seq));
                 in_flight.push_back(async move { (batch, promise.await) });

@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`model`]: entities, ops, batches, acks and rights as plain data.
+//! - [`failpoint`]: crash points for fault-injection tests, armed by `CAPSYNC_FAILPOINTS`.
 //! - [`migrate`]: versioned schemas in `user_version`, applied in one transaction.
 //! - [`server`]: the server's schema and its reads ([`server::ServerReader`]) and writes
 //!   ([`server::ServerWriter`]).
@@ -15,6 +16,7 @@
 //! back through completion callbacks, which the async layers turn into futures.
 
 pub mod client;
+pub mod failpoint;
 pub mod migrate;
 pub mod model;
 pub mod readers;

@@ -44,6 +44,7 @@ impl SchemaPlan {
                     .ok_or(StorageError::NoUpgradePath { name: self.name, from })?;
                 for sql in steps {
                     tx.execute_batch(sql)?;
+                    crate::failpoint::hit("mid-migration");
                 }
             }
         }

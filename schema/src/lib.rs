@@ -3,7 +3,6 @@
 //! # Layout
 //!
 //! - [`capsync_capnp`]: Rust generated from `schema/capsync.capnp` by the workspace `build.rs`.
-//! - [`failpoint`]: crash points for fault-injection tests, armed by an environment variable.
 //! - [`marker`]: the stable `capsync/...` error markers and how to read them back.
 //! - [`token`]: sturdy-ref tokens (`csy_` + 43 base64url chars) and their SHA-256 hashes.
 //! - [`uri`]: sturdy URIs, `capsync://HOST:PORT/TOKEN`, with a `Debug`/`Display` that never
@@ -14,7 +13,6 @@ pub mod capsync_capnp {
     include!(concat!(env!("OUT_DIR"), "/capsync_capnp.rs"));
 }
 
-pub mod failpoint;
 pub mod marker;
 pub mod token;
 pub mod uri;

@@ -13,7 +13,7 @@ use capsync_persistence::server::{
 use capsync_persistence::readers::Readers;
 use capsync_persistence::writer::{JobOutcome, Txn, WriteJob, Writer};
 use capsync_persistence::{BatchAck, EntityKind, IncomingBatch, LoggedOp, Op, OpStatus, StorageError};
-use capsync_schema::failpoint;
+use capsync_persistence::failpoint;
 use futures::future::LocalBoxFuture;
 use std::path::Path;
 use std::sync::Mutex;
@@ -169,9 +169,11 @@ impl SqliteStore {
                 if epoch.is_some() {
                     txn.audit(&event, now_ms())?;
                 }
+                failpoint::hit("server-revoke-before-commit");
                 Ok(epoch)
             },
             move |epoch: &mut Option<u64>| {
+                failpoint::hit("server-revoke-after-commit");
                 if let Some(epoch) = *epoch {
                     on_commit(epoch)
                 }

@@ -343,3 +343,21 @@ pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// Runs `capsync` with an outbox and extra environment; waits for it.
+pub fn capsync(outbox: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("CAPSYNC_OUTBOX", outbox)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `capsync status --json` of an outbox.
+pub fn status_json(outbox: &Path) -> serde_json::Value {
+    let out = capsync(outbox, &["status", "--json"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -161,6 +161,7 @@ impl ClientDb {
                 ])?;
             }
         }
+        crate::failpoint::hit("client-before-enqueue-commit");
         tx.commit()?;
         Ok(())
     }
