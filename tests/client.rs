@@ -8,7 +8,7 @@ use capsync_schema::{SturdyUri, Token};
 use common::proxy::Proxy;
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn spawn_capsync(outbox: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
