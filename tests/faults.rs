@@ -236,3 +236,62 @@ fn a_server_killed_mid_migration_keeps_the_old_schema_and_upgrades_next_time() {
     let version: u32 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, capsync_persistence::server::schema::PLAN.current_version);
 }
+
+/// A size-limited tmpfs for the server's data; unmounted on drop.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path).output().unwrap();
+        assert!(out.status.success(), "this test needs to mount a tmpfs (root): {}", String::from_utf8_lossy(&out.stderr));
+        SmallDisk { path: path.to_owned() }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let out = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.path).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_appends_clearly_loses_nothing_acked_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // The tmpfs is the data dir itself, so the server's log (beside it) is not on it.
+    let disk = SmallDisk::mount(&dir.path().join("data"), "64m");
+    let data = disk.path.clone();
+    let mut server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    let uri = capsync_schema::SturdyUri::new(server.addr.clone(), owner.clone()).expose();
+    // Leave the server ~2 MiB: room for a few batches, not for all.
+    let filler = disk.path.join("filler.bin");
+    let room = disk.free_bytes().saturating_sub(2 * 1024 * 1024);
+    std::fs::write(&filler, vec![0u8; room as usize]).unwrap();
+
+    let ops = dir.path().join("ops.jsonl");
+    write_jsonl(&ops, 20_000, "f");
+    let outbox = dir.path().join("c.db");
+    let out = capsync(&outbox, &["push", &uri, "--file", ops.to_str().unwrap()], &[]);
+    assert!(!out.status.success(), "the push cannot finish on a full disk");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("capsync/internal") && stderr.contains("full"), "a clear error: {stderr}");
+    let before = checker::check(&[checker::history(&outbox)], &server_log(&server.addr, &owner), false).unwrap();
+    println!("disk full after {} of 20000 ops acked ({} logged)", before.acked, before.logged);
+    assert!(before.acked > 0 && before.acked < 20_000, "the disk filled mid-stream");
+
+    // Space returns; the same server process takes the rest.
+    std::fs::remove_file(&filler).unwrap();
+    let out = capsync(&outbox, &["sync"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = checker::check(&[checker::history(&outbox)], &server_log(&server.addr, &owner), true).unwrap();
+    assert_eq!(after.logged, 20_000);
+    server.kill();
+}

@@ -38,6 +38,8 @@ pub enum StorageError {
     NoUpgradePath { name: &'static str, from: u32 },
     #[error("the storage thread has stopped")]
     Stopped,
+    #[error("the write was rolled back after another write in its group failed (disk full or I/O error); retry")]
+    RolledBack,
 }
 
 impl From<rusqlite::Error> for StorageError {

@@ -145,6 +145,12 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
                 }
                 let outcome = (job.body)(&typed);
                 keep_any |= outcome.keep;
+                completions.push(outcome.completion);
+                if tx.is_autocommit() {
+                    // SQLite rolled the whole transaction back itself (it does on SQLITE_FULL
+                    // and some I/O errors): every job of the group is undone, none may be acked.
+                    return Err(StorageError::RolledBack);
+                }
                 if !alone {
                     if outcome.keep {
                         tx.prepare_cached("RELEASE job")?.execute([])?;
@@ -153,7 +159,6 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
                         tx.prepare_cached("RELEASE job")?.execute([])?;
                     }
                 }
-                completions.push(outcome.completion);
             }
         }
         if alone && !keep_any {
