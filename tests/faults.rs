@@ -295,3 +295,46 @@ fn a_full_disk_fails_appends_clearly_loses_nothing_acked_and_recovers() {
     assert_eq!(after.logged, 20_000);
     server.kill();
 }
+
+#[test]
+fn a_stale_connection_resuming_after_a_replay_elsewhere_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_, owner) = new_session(&server);
+    let proxy = std::sync::Arc::new(common::proxy::Proxy::start(&server.addr));
+    let options = SyncOptions {
+        ack_timeout: Duration::from_millis(500),
+        max_attempts: 20,
+        max_batch_ops: 50,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+        ..SyncOptions::default()
+    };
+    let client = Client::open(dir.path().join("c.db")).unwrap().with_options(options);
+    client.attach("s", &proxy.uri(&owner)).unwrap();
+    client.enqueue("s", messages(0..5000, "m")).unwrap();
+    // Mid-stream, the connection goes silent (its requests pile up in the proxy): the client
+    // gives up on it, reconnects and finishes on a new one.
+    let holder = when_applying(server.addr.clone(), owner.clone(), {
+        let proxy = proxy.clone();
+        move || proxy.hold_existing()
+    });
+    let report = run_local(async { client.sync("s").await }).unwrap();
+    holder.join().unwrap();
+    assert!(proxy.held_chunks() > 0, "requests were held on the stale connection");
+    // Now the stale connection's requests reach the server, after everything was replayed.
+    proxy.release_held();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.held_chunks() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The stale requests are replays: watch that none of them applies anything.
+    let watch_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watch_until {
+        assert_eq!(server_cursor(&server.addr, &owner), Some(5000), "a stale request applied an op twice");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let verdict = checker::check(&[checker::history(&dir.path().join("c.db"))], &server_log(&server.addr, &owner), true).unwrap();
+    println!("stale connection: {} batches replayed on the new connection, {} ops answered duplicate; {} logged", report.batches, report.duplicates, verdict.logged);
+    assert_eq!(verdict.logged, 5000);
+}

@@ -15,6 +15,11 @@ struct State {
     refuse: AtomicBool,
     accepted: AtomicU64,
     open: Mutex<Vec<TcpStream>>,
+    /// One flag per connection's client-to-server direction: while set, its bytes wait here.
+    holds: Mutex<Vec<Arc<AtomicBool>>>,
+    held: Mutex<Vec<Arc<AtomicBool>>>,
+    /// Chunks held back and not yet forwarded, across connections.
+    held_chunks: AtomicU64,
 }
 
 pub struct Proxy {
@@ -45,8 +50,10 @@ impl Proxy {
                     open.push(client.try_clone().unwrap());
                     open.push(server.try_clone().unwrap());
                 }
-                pump(client.try_clone().unwrap(), server.try_clone().unwrap(), shared.clone(), false);
-                pump(server, client, shared.clone(), true);
+                let hold = Arc::new(AtomicBool::new(false));
+                shared.holds.lock().unwrap().push(hold.clone());
+                pump(client.try_clone().unwrap(), server.try_clone().unwrap(), shared.clone(), false, hold);
+                pump(server, client, shared.clone(), true, Arc::new(AtomicBool::new(false)));
             }
         });
         Proxy { addr, state }
@@ -74,6 +81,27 @@ impl Proxy {
         }
     }
 
+    /// Holds back what the clients of every open connection send from now on; new
+    /// connections are not held.
+    pub fn hold_existing(&self) {
+        for hold in self.state.holds.lock().unwrap().drain(..) {
+            hold.store(true, Ordering::SeqCst);
+            self.state.held.lock().unwrap().push(hold);
+        }
+    }
+
+    /// Lets the held bytes through, in order.
+    pub fn release_held(&self) {
+        for hold in self.state.held.lock().unwrap().drain(..) {
+            hold.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Chunks still waiting to be forwarded because of a hold.
+    pub fn held_chunks(&self) -> u64 {
+        self.state.held_chunks.load(Ordering::SeqCst)
+    }
+
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::SeqCst)
     }
@@ -86,7 +114,7 @@ impl Proxy {
 
 /// Copies `from` to `to` on two threads: a reader that timestamps chunks and a writer that
 /// sends each chunk once its delay has passed, so latency is added without limiting throughput.
-fn pump(mut from: TcpStream, mut to: TcpStream, state: Arc<State>, is_reply: bool) {
+fn pump(mut from: TcpStream, mut to: TcpStream, state: Arc<State>, is_reply: bool, hold: Arc<AtomicBool>) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let reader_state = state.clone();
     std::thread::spawn(move || {
@@ -111,6 +139,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: Arc<State>, is_reply: boo
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
+            }
+            if hold.load(Ordering::SeqCst) {
+                state.held_chunks.fetch_add(1, Ordering::SeqCst);
+                while hold.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                state.held_chunks.fetch_sub(1, Ordering::SeqCst);
             }
             if to.write_all(&chunk).is_err() {
                 break;
