@@ -1,41 +1,18 @@
 //! Issue 5 scenarios: a server stopped (SIGSTOP) longer than the client's timeouts, a token
-//! revoked mid-pipeline, a poison op in the middle of a long queue. Each is judged by the
-//! history checker of the chaos test.
+//! revoked mid-pipeline, a poison op in the middle of a long queue, crash points (client
+//! outbox, server commit, revocation, migration), a full disk, a stale connection. Each is
+//! judged by the history checker of the chaos test. Network faults made by a proxy that reads
+//! frames are in `network_faults.rs`.
 
 mod common;
 
-use capsync_client::{Change, Client, Connection, SyncOptions};
+use capsync_client::{Client, Connection, SyncOptions};
 use capsync_persistence::EntityKind;
 use capsync_schema::Marker;
 use common::checker;
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn messages(range: std::ops::Range<usize>, prefix: &str) -> Vec<Change> {
-    range.map(|i| Change::Put { kind: EntityKind::Message, id: format!("{prefix}{i}"), parent: String::new(), data: b"{}".to_vec() }).collect()
-}
-
-/// The server's log as (seq, opId), read with the owner token.
-fn server_log(addr: &str, owner: &capsync_schema::Token) -> Vec<(u64, Vec<u8>)> {
-    run_local(async {
-        let conn = Connection::open(addr).await.unwrap();
-        let (session, _) = conn.session(owner);
-        let mut log = Vec::new();
-        loop {
-            let mut request = session.changes_request();
-            request.get().set_after(log.len() as u64);
-            let response = request.send().promise.await.unwrap();
-            let ops = response.get().unwrap().get_ops().unwrap();
-            if ops.is_empty() {
-                return log;
-            }
-            for op in ops.iter() {
-                log.push((op.get_seq(), op.get_op().unwrap().get_op_id().unwrap().to_vec()));
-            }
-        }
-    })
-}
 
 /// Waits (on another thread) until the server has applied something, then runs `act`.
 fn when_applying(addr: String, owner: capsync_schema::Token, act: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
@@ -336,5 +313,46 @@ fn a_stale_connection_resuming_after_a_replay_elsewhere_doubles_nothing() {
     }
     let verdict = checker::check(&[checker::history(&dir.path().join("c.db"))], &server_log(&server.addr, &owner), true).unwrap();
     println!("stale connection: {} batches replayed on the new connection, {} ops answered duplicate; {} logged", report.batches, report.duplicates, verdict.logged);
+    assert_eq!(verdict.logged, 5000);
+}
+
+/// "No ack precedes its commit", checked at the one moment it matters: the writer is parked
+/// just before a group's COMMIT (its batches applied inside the open transaction), the client
+/// gives up waiting for their acks, and the server is killed there. After a restart, every op
+/// the client holds an ack for must be in the log at the seq the ack named.
+#[test]
+fn a_server_killed_just_before_a_group_commit_had_acked_nothing_of_that_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    let addr = server.addr.clone();
+    server.stop();
+    // Groups 1 to 3 after the restart commit (the redeem and the first appends); the 4th parks.
+    let mut server = Server::start_with_env(&data, &addr, &[("CAPSYNC_FAILPOINTS", "writer-before-commit=4:pause")]);
+    let options = SyncOptions {
+        ack_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        max_attempts: 1,
+        max_batch_ops: 100,
+        ..SyncOptions::default()
+    };
+    let outbox = dir.path().join("c.db");
+    let client = Client::open(&outbox).unwrap().with_options(options);
+    client.attach("s", &capsync_schema::SturdyUri::new(addr.clone(), owner.clone()).expose()).unwrap();
+    client.enqueue("s", messages(0..5000, "m")).unwrap();
+    let err = run_local(async { client.sync("s").await }).expect_err("no ack comes while the writer is parked");
+    assert!(err.is_retryable(), "{err}");
+    assert!(server.log_text().contains("failpoint writer-before-commit reached: pausing"), "the writer parked before a commit");
+    server.kill();
+
+    let server = Server::start_at(&data, &addr);
+    let history = checker::history(&outbox);
+    let parked = checker::check(&[history], &server_log(&server.addr, &owner), false)
+        .unwrap_or_else(|violation| panic!("an op acked before its commit was lost: {violation}"));
+    println!("killed before a group commit: {} acked before it, {} unacked, {} logged", parked.acked, parked.indeterminate, parked.logged);
+    assert!(parked.acked > 0 && parked.indeterminate > 0, "the kill landed mid-stream");
+    run_local(async { client.sync("s").await }).unwrap();
+    let verdict = checker::check(&[checker::history(&outbox)], &server_log(&server.addr, &owner), true).unwrap();
     assert_eq!(verdict.logged, 5000);
 }

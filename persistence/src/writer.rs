@@ -164,6 +164,7 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
         if alone && !keep_any {
             tx.rollback()?;
         } else {
+            crate::failpoint::hit("writer-before-commit");
             tx.commit()?;
         }
         Ok(())
