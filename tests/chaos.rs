@@ -133,23 +133,11 @@ fn chaos() {
     });
 
     // The server's log and snapshot, read directly with the owner token.
-    let (log, snapshot) = run_local(async {
-        let conn = Connection::open(&server.borrow().addr).await.unwrap();
-        let (session, _) = conn.session(&owner);
-        let mut log = Vec::new();
-        loop {
-            let mut request = session.changes_request();
-            request.get().set_after(log.len() as u64);
-            let response = request.send().promise.await.unwrap();
-            let ops = response.get().unwrap().get_ops().unwrap();
-            if ops.is_empty() {
-                break;
-            }
-            for op in ops.iter() {
-                log.push((op.get_seq(), op.get_op().unwrap().get_op_id().unwrap().to_vec()));
-            }
-        }
-        (log, snapshot(&session, 0).await.unwrap())
+    let addr = server.borrow().addr.clone();
+    let log = server_log(&addr, &owner);
+    let snapshot = run_local(async {
+        let conn = Connection::open(&addr).await.unwrap();
+        snapshot(&conn.session(&owner).0, 0).await.unwrap()
     });
     let histories: Vec<_> = (0..clients_n).map(|i| checker::history(&dir.path().join(format!("c{i}.db")))).collect();
     let verdict = checker::check(&histories, &log, true).unwrap_or_else(|e| panic!("seed {seed}: {e}"));

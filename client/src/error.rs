@@ -49,14 +49,18 @@ impl ClientError {
         }
     }
 
-    /// Whether reconnecting may help: the connection failed or dropped, or the server is
-    /// overloaded or failed internally. Refusals such as revoked or denied are final.
+    /// Whether reconnecting may help: the connection failed or dropped (including a cut inside
+    /// a frame, which capnp reports as `PrematureEndOfFile`, not `Disconnected`), or the server
+    /// is overloaded or failed internally. Refusals such as revoked or denied are final.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } => true,
             ClientError::Rpc(err) => match marker::of_error(err) {
                 Some(m) => matches!(m, Marker::Overloaded | Marker::Internal | Marker::Gap),
-                None => matches!(err.kind, capnp::ErrorKind::Disconnected | capnp::ErrorKind::Overloaded),
+                None => matches!(
+                    err.kind,
+                    capnp::ErrorKind::Disconnected | capnp::ErrorKind::Overloaded | capnp::ErrorKind::PrematureEndOfFile
+                ),
             },
             _ => false,
         }

@@ -361,3 +361,30 @@ pub fn status_json(outbox: &Path) -> serde_json::Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `Put` changes of messages `<prefix><i>` for each `i` in `range`.
+pub fn messages(range: std::ops::Range<usize>, prefix: &str) -> Vec<capsync_client::Change> {
+    use capsync_client::Change;
+    range.map(|i| Change::Put { kind: capsync_persistence::EntityKind::Message, id: format!("{prefix}{i}"), parent: String::new(), data: b"{}".to_vec() }).collect()
+}
+
+/// The server's log as (seq, opId), read with the owner token.
+pub fn server_log(addr: &str, owner: &capsync_schema::Token) -> Vec<(u64, Vec<u8>)> {
+    run_local(async {
+        let conn = Connection::open(addr).await.unwrap();
+        let (session, _) = conn.session(owner);
+        let mut log = Vec::new();
+        loop {
+            let mut request = session.changes_request();
+            request.get().set_after(log.len() as u64);
+            let response = request.send().promise.await.unwrap();
+            let ops = response.get().unwrap().get_ops().unwrap();
+            if ops.is_empty() {
+                return log;
+            }
+            for op in ops.iter() {
+                log.push((op.get_seq(), op.get_op().unwrap().get_op_id().unwrap().to_vec()));
+            }
+        }
+    })
+}

@@ -1,5 +1,8 @@
 //! A TCP proxy on 127.0.0.1 for fault tests: it can delay each direction, drop the server's
-//! replies, refuse connections, cut every connection, and counts the connections it accepts.
+//! replies, refuse connections, cut every connection (now, or after a given number of bytes in
+//! one direction, which lands anywhere inside a frame, and again after the next so many bytes), and counts the connections it accepts.
+//! Started with [`Proxy::start_framed`] it also splits what clients send into Cap'n Proto
+//! frames, so it can drop one whole `Session.append` call and pass the next ones.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -20,6 +23,15 @@ struct State {
     held: Mutex<Vec<Arc<AtomicBool>>>,
     /// Chunks held back and not yet forwarded, across connections.
     held_chunks: AtomicU64,
+    /// Split client-to-server bytes into frames (set before any connection).
+    framed: bool,
+    /// Drop the append call this many calls from now (0: drop none).
+    drop_append_in: AtomicU64,
+    dropped_calls: AtomicU64,
+    /// `(replies, n)`: cut every connection once `n` more bytes have gone that way; the
+    /// front one is armed.
+    cut_plan: Mutex<std::collections::VecDeque<(bool, u64)>>,
+    cuts_at_offset: AtomicU64,
 }
 
 pub struct Proxy {
@@ -29,9 +41,18 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: &str) -> Proxy {
+        Proxy::spawn(upstream, State::default())
+    }
+
+    /// A proxy that forwards what clients send one whole Cap'n Proto frame at a time.
+    pub fn start_framed(upstream: &str) -> Proxy {
+        Proxy::spawn(upstream, State { framed: true, ..State::default() })
+    }
+
+    fn spawn(upstream: &str, state: State) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let state = Arc::new(State::default());
+        let state = Arc::new(state);
         let shared = state.clone();
         let upstream = upstream.to_owned();
         std::thread::spawn(move || {
@@ -76,9 +97,36 @@ impl Proxy {
 
     /// Cuts every open connection in both directions.
     pub fn cut(&self) {
-        for stream in self.state.open.lock().unwrap().drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        self.state.cut_all();
+    }
+
+    /// Plans cuts: for each `(replies, bytes)` in turn, once `bytes` more bytes have been
+    /// forwarded towards the server (or, with `replies`, towards the client) since the previous
+    /// cut, forwards exactly up to that offset and cuts every connection.
+    pub fn plan_cuts(&self, plan: Vec<(bool, u64)>) {
+        *self.state.cut_plan.lock().unwrap() = plan.into_iter().map(|(replies, bytes)| (replies, bytes.max(1))).collect();
+    }
+
+    /// Planned cuts that have not happened yet.
+    pub fn cuts_pending(&self) -> usize {
+        self.state.cut_plan.lock().unwrap().len()
+    }
+
+    /// Cuts made by [`Proxy::plan_cuts`] so far.
+    pub fn cuts_at_offset(&self) -> u64 {
+        self.state.cuts_at_offset.load(Ordering::SeqCst)
+    }
+
+    /// Drops the `nth` `Session.append` call clients send from now on (framed proxies only);
+    /// the calls after it pass.
+    pub fn drop_append_call(&self, nth: u64) {
+        assert!(self.state.framed, "only a framed proxy sees calls");
+        self.state.drop_append_in.store(nth, Ordering::SeqCst);
+    }
+
+    /// Append calls dropped so far.
+    pub fn dropped_calls(&self) -> u64 {
+        self.state.dropped_calls.load(Ordering::SeqCst)
     }
 
     /// Holds back what the clients of every open connection send from now on; new
@@ -119,6 +167,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: Arc<State>, is_reply: boo
     let reader_state = state.clone();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        let framed = reader_state.framed && !is_reply;
+        let mut pending = Vec::new();
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -126,8 +176,22 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: Arc<State>, is_reply: boo
                     if is_reply && reader_state.drop_replies.load(Ordering::SeqCst) {
                         continue;
                     }
+                    let chunk = if framed {
+                        pending.extend_from_slice(&buf[..n]);
+                        let mut forward = Vec::new();
+                        while let Some(len) = frame_len(&pending) {
+                            let frame: Vec<u8> = pending.drain(..len).collect();
+                            if is_append_call(&frame) && reader_state.should_drop_append() {
+                                continue;
+                            }
+                            forward.extend_from_slice(&frame);
+                        }
+                        forward
+                    } else {
+                        buf[..n].to_vec()
+                    };
                     let due = Instant::now() + Duration::from_millis(reader_state.delay_ms.load(Ordering::SeqCst));
-                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                    if tx.send((due, chunk)).is_err() {
                         break;
                     }
                 }
@@ -147,10 +211,76 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: Arc<State>, is_reply: boo
                 }
                 state.held_chunks.fetch_sub(1, Ordering::SeqCst);
             }
+            if let Some(offset) = state.cut_offset(is_reply, chunk.len()) {
+                let _ = to.write_all(&chunk[..offset]);
+                let _ = to.flush();
+                state.cut_all();
+                state.cuts_at_offset.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
             if to.write_all(&chunk).is_err() {
                 break;
             }
         }
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+impl State {
+    fn cut_all(&self) {
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// If the armed cut falls inside the next `len` bytes going this way: how many of them to
+    /// forward before cutting (and the next planned cut is armed).
+    fn cut_offset(&self, is_reply: bool, len: usize) -> Option<usize> {
+        let mut plan = self.cut_plan.lock().unwrap();
+        let (replies, remaining) = plan.front_mut()?;
+        if *replies != is_reply {
+            return None;
+        }
+        if (len as u64) < *remaining {
+            *remaining -= len as u64;
+            return None;
+        }
+        let offset = *remaining as usize;
+        plan.pop_front();
+        Some(offset)
+    }
+
+    fn should_drop_append(&self) -> bool {
+        let countdown = self.drop_append_in.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if countdown == Ok(1) {
+            self.dropped_calls.fetch_add(1, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+}
+
+/// The length of the Cap'n Proto frame at the start of `bytes`, once all of it is there.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let word = |i: usize| bytes.get(i * 4..i * 4 + 4).map(|w| u32::from_le_bytes(w.try_into().unwrap()) as usize);
+    let segments = word(0)? + 1;
+    let header = (4 + 4 * segments).div_ceil(8) * 8;
+    let mut body = 0;
+    for i in 0..segments {
+        body += word(1 + i)? * 8;
+    }
+    let len = header + body;
+    (bytes.len() >= len).then_some(len)
+}
+
+fn is_append_call(frame: &[u8]) -> bool {
+    use capnp::traits::HasTypeId;
+    use capnp_rpc::rpc_capnp::message;
+    let mut slice = frame;
+    let Ok(msg) = capnp::serialize::read_message_from_flat_slice(&mut slice, capnp::message::ReaderOptions::new()) else {
+        return false;
+    };
+    let Ok(root) = msg.get_root::<message::Reader>() else { return false };
+    let Ok(message::Call(Ok(call))) = root.which() else { return false };
+    call.get_interface_id() == capsync_schema::capsync_capnp::session::Client::TYPE_ID && call.get_method_id() == 0
 }
