@@ -140,6 +140,31 @@ fn a_client_killed_before_its_outbox_commit_or_before_sending_loses_and_doubles_
     assert_eq!(verdict.logged, 2000);
 }
 
+/// Killed right after recording that batches went out (failpoint `client-after-send`, the
+/// third time the client records progress): batches marked sent may or may not have reached
+/// the server; the next sync resends them and the server answers those it has as duplicates.
+#[test]
+fn a_client_killed_right_after_sending_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_, owner) = new_session(&server);
+    let uri = capsync_schema::SturdyUri::new(server.addr.clone(), owner.clone()).expose();
+    let ops = dir.path().join("ops.jsonl");
+    write_jsonl(&ops, 20_000, "s");
+    let outbox = dir.path().join("c.db");
+    let out = capsync(&outbox, &["push", &uri, "--file", ops.to_str().unwrap()], &[("CAPSYNC_FAILPOINTS", "client-after-send=3")]);
+    assert!(!out.status.success(), "the failpoint aborted the client");
+    let history = checker::history(&outbox);
+    let in_flight = history.iter().filter(|op| op.state == "sent").count();
+    assert!(in_flight > 0, "some ops were sent but not acked when the client died");
+    let at_crash = checker::check(&[history], &server_log(&server.addr, &owner), false).unwrap();
+    let out = capsync(&outbox, &["sync"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let verdict = checker::check(&[checker::history(&outbox)], &server_log(&server.addr, &owner), true).unwrap();
+    println!("client killed after sending: {} acked, {in_flight} sent and unacked at the crash; {} logged after the next sync", at_crash.acked, verdict.logged);
+    assert_eq!(verdict.logged, 20_000);
+}
+
 #[test]
 fn a_server_killed_mid_revocation_revokes_all_or_nothing() {
     for (failpoint, durable) in [("server-revoke-before-commit", false), ("server-revoke-after-commit", true)] {
