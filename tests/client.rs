@@ -121,6 +121,8 @@ fn a_client_killed_after_enqueue_or_mid_stream_delivers_every_op_exactly_once() 
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (cursor, _) = server_state(&server.addr, &owner);
     assert_eq!(cursor, 43_000, "each op applied once");
+    let counts = &status_json(&outbox)["refs"][0];
+    assert_eq!((&counts["acked"], &counts["sent"], &counts["pending"]), (&40_000.into(), &0.into(), &0.into()), "the client holds an ack for every op");
 
     // A real kill -9 from outside while the push streams.
     let outbox = dir.path().join("c.db");
