@@ -89,6 +89,8 @@ impl Connection {
         reader: impl futures::AsyncRead + Unpin + 'static,
         writer: impl futures::AsyncWrite + Unpin + 'static,
     ) -> Connection {
+        // One write per message instead of two (see the server's listener).
+        let writer = futures::io::BufWriter::with_capacity(8 * 1024, writer);
         let network = twoparty::VatNetwork::new(reader, writer, Side::Client, capnp::message::ReaderOptions::new());
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
