@@ -132,16 +132,21 @@ pub async fn s3(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     }
     let (p50, p99, redis_p50) = (median(p50s), median(p99s), ctx.median_of(redis));
     let handoff = handoff_round_trip(n).await;
+    // The storage floor: the server's own write path for one 1-op batch, alone.
+    let raw_dir = ctx.dir.join("s3-raw");
+    std::fs::create_dir_all(&raw_dir)?;
+    let raw_commit = 1000.0 / harness::raw_sqlite_loop(&raw_dir, n, 1)?;
     let figures = json!({
         "ops": n,
         "capsync_p50_ms": p50,
         "capsync_p99_ms": p99,
         "redis_p50_ms": redis_p50,
         "thread_handoff_round_trip_p50_ms": handoff,
+        "raw_one_op_commit_ms": raw_commit,
     });
     let mut row = Row::ratio("S3 ack latency p50 vs Redis p50", p50, redis_p50, "ms", "<= 2.0x", 0.0);
     row.met = redis_p50.map(|r| p50 <= 2.0 * r);
-    row.measured = format!("p50 {p50:.2} ms, p99 {p99:.2} ms (handoff {handoff:.3} ms)");
+    row.measured = format!("p50 {p50:.2} ms, p99 {p99:.2} ms (raw commit {raw_commit:.3}, handoff {handoff:.3})");
     Ok((figures, vec![row]))
 }
 
