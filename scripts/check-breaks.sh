@@ -7,7 +7,8 @@
 #   scripts/check-breaks.sh                 # every break
 #   scripts/check-breaks.sh no-dedupe ...   # some of them
 #
-# Not part of .ci/run (it rebuilds once per break, ~3 minutes each on 2 cores). Exit status: 0 if every named test failed under its break, 1 otherwise.
+# Not part of .ci/run (it rebuilds once per break, ~3 minutes each on 2 cores).
+# Exit status: 0 if every named test failed under its break, 1 otherwise.
 set -uo pipefail
 
 root=$(git rev-parse --show-toplevel)
