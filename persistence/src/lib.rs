@@ -11,6 +11,7 @@
 //! - [`client`]: the client's refs, outbox and replicas ([`client::ClientDb`]).
 //! - [`writer`]: the single writer thread with group commit.
 //! - [`readers`]: a small pool of reader threads.
+//! - `rows`: reading entities and ops out of SQL rows (crate-private).
 //!
 //! Threads, not async: SQLite calls block, so they run on threads of their own and report
 //! back through completion callbacks, which the async layers turn into futures.
@@ -20,6 +21,7 @@ pub mod failpoint;
 pub mod migrate;
 pub mod model;
 pub mod readers;
+mod rows;
 pub mod server;
 pub mod writer;
 

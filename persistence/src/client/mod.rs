@@ -7,6 +7,7 @@ pub mod schema;
 mod replica;
 
 use crate::migrate;
+use crate::rows::read_op;
 use crate::model::*;
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -211,18 +212,7 @@ impl ClientDb {
                  FROM batches b JOIN outbox o ON o.ref_name = b.ref_name AND o.batch_seq = b.batch_seq
                  WHERE b.ref_name = ?1 AND b.acked = 0 ORDER BY o.batch_seq, o.seq",
             )?
-            .query_map([name], |r| {
-                let op_id: Vec<u8> = r.get(1)?;
-                let code: i64 = r.get(3)?;
-                let kind = EntityKind::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(3, code))?;
-                let id: String = r.get(4)?;
-                let body = if r.get::<_, bool>(2)? {
-                    OpBody::Delete { kind, id }
-                } else {
-                    OpBody::Put(Entity { kind, id, parent_id: r.get(5)?, data: r.get(6)? })
-                };
-                Ok((r.get(0)?, Op { op_id: op_id.try_into().unwrap_or([0; 16]), body }))
-            })?
+            .query_map([name], |r| Ok((r.get(0)?, read_op(r, 1)?)))?
             .collect::<Result<_, _>>()?;
         let mut batches: Vec<FormedBatch> = Vec::new();
         for (batch_seq, op) in rows {

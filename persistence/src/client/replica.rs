@@ -79,7 +79,7 @@ impl ClientDb {
         let rows = self
             .conn
             .prepare_cached("SELECT kind, id, parent_id, data FROM replica_entities WHERE ref_name = ?1 ORDER BY kind, id")?
-            .query_map([name], |r| crate::server::read_entity(r, 0))?
+            .query_map([name], |r| crate::rows::read_entity(r, 0))?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }

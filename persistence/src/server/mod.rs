@@ -9,6 +9,7 @@ pub mod schema;
 pub use append::AppendError;
 
 use crate::migrate;
+use crate::rows::{read_entity, read_op};
 use crate::model::*;
 use crate::writer::Txn;
 use crate::StorageError;
@@ -158,15 +159,6 @@ fn share_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ShareRow> {
     })
 }
 
-pub(crate) fn read_entity(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Entity> {
-    let code: i64 = r.get(at)?;
-    Ok(Entity {
-        kind: EntityKind::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(at, code))?,
-        id: r.get(at + 1)?,
-        parent_id: r.get(at + 2)?,
-        data: r.get(at + 3)?,
-    })
-}
 
 fn session_by(conn: &Connection, column: &str, value: &dyn rusqlite::ToSql) -> Result<Option<SessionRow>, StorageError> {
     let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE {column} = ?1");
@@ -269,19 +261,7 @@ impl ServerReader {
                  WHERE sid = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?
             .query_map(params![sid, after as i64, limit as i64], |r| {
-                let op_id: Vec<u8> = r.get(1)?;
-                let code: i64 = r.get(3)?;
-                let kind = EntityKind::from_code(code).ok_or(rusqlite::Error::IntegralValueOutOfRange(3, code))?;
-                let id: String = r.get(4)?;
-                let body = if r.get::<_, bool>(2)? {
-                    OpBody::Delete { kind, id }
-                } else {
-                    OpBody::Put(Entity { kind, id, parent_id: r.get(5)?, data: r.get(6)? })
-                };
-                Ok(LoggedOp {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    op: Op { op_id: op_id.try_into().unwrap_or([0; 16]), body },
-                })
+                Ok(LoggedOp { seq: r.get::<_, i64>(0)? as u64, op: read_op(r, 1)? })
             })?
             .collect::<Result<_, _>>()?;
         tx.finish()?;
