@@ -84,7 +84,7 @@ impl Client {
             if db.ref_row(name)?.is_none() {
                 return Ok(Err(ClientError::Invalid(format!("no ref named {name}; attach it first"))));
             }
-            db.enqueue(name, &ops)?;
+            db.enqueue(name, &ops, self.options.batch_limits())?;
             Ok(Ok(()))
         })??;
         failpoint::hit("client-after-enqueue");

@@ -11,7 +11,7 @@ use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::store::Db;
 use crate::wire;
-use capsync_persistence::client::FormedBatch;
+use capsync_persistence::client::{BatchLimits, FormedBatch};
 use capsync_persistence::failpoint;
 use capsync_schema::marker::Marker;
 use capsync_schema::SturdyUri;
@@ -39,6 +39,18 @@ pub struct SyncOptions {
     pub tls_ca: Option<std::path::PathBuf>,
     /// Counts acked ops as acks arrive (for progress displays); not persisted.
     pub acked_ops: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl SyncOptions {
+    pub fn batch_limits(&self) -> BatchLimits {
+        BatchLimits { max_ops: self.max_batch_ops, max_bytes: self.max_batch_bytes }
+    }
+
+    /// How many unacked batches a round reads from the outbox at a time: enough to fill the
+    /// window twice, so sending never waits for a read.
+    fn read_chunk(&self) -> usize {
+        (2 * self.window).max(32)
+    }
 }
 
 impl Default for SyncOptions {
@@ -105,10 +117,10 @@ pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<Syn
     loop {
         let batches = db
             .call({
-                let (name, max_ops, max_bytes) = (name.to_owned(), options.max_batch_ops, options.max_batch_bytes);
+                let (name, limits, chunk) = (name.to_owned(), options.batch_limits(), options.read_chunk());
                 move |db| {
-                    db.form_batches(&name, max_ops, max_bytes)?;
-                    db.unacked_batches(&name)
+                    db.form_batches(&name, limits)?;
+                    db.unacked_batches(&name, 0, chunk)
                 }
             })
             .await?;
@@ -181,6 +193,70 @@ impl Recorder {
     }
 }
 
+type ChunkRead = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<FormedBatch>>>>>;
+
+/// The batches a round has yet to send: those read so far, and a read of the next chunk
+/// running on the database thread while earlier batches are on the wire.
+struct Unsent<'a> {
+    db: &'a Db,
+    name: &'a str,
+    queue: std::collections::VecDeque<FormedBatch>,
+    chunk: usize,
+    /// The highest batchSeq read so far.
+    read_up_to: u64,
+    /// False once a read came back short: the outbox has nothing further.
+    more: bool,
+    reading: Option<ChunkRead>,
+}
+
+impl<'a> Unsent<'a> {
+    fn new(db: &'a Db, name: &'a str, first: Vec<FormedBatch>, chunk: usize) -> Unsent<'a> {
+        let more = first.len() >= chunk;
+        let mut unsent = Unsent { db, name, queue: Default::default(), chunk, read_up_to: 0, more, reading: None };
+        unsent.absorb(first);
+        unsent
+    }
+
+    fn pop(&mut self) -> Option<FormedBatch> {
+        self.queue.pop_front()
+    }
+
+    fn absorb(&mut self, batches: Vec<FormedBatch>) {
+        self.more = batches.len() >= self.chunk;
+        if let Some(last) = batches.last() {
+            self.read_up_to = last.batch_seq;
+        }
+        self.queue.extend(batches);
+    }
+
+    /// Starts reading the next chunk once fewer than `window` batches are left to send.
+    fn read_ahead(&mut self, window: usize) {
+        if self.more && self.reading.is_none() && self.queue.len() < window {
+            let (db, name, after, chunk) = (self.db.clone(), self.name.to_owned(), self.read_up_to, self.chunk);
+            self.reading = Some(Box::pin(async move { Ok(db.call(move |db| db.unacked_batches(&name, after, chunk)).await?) }));
+        }
+    }
+
+    /// Completes the running read, if any (never resolves when none is running); its batches
+    /// join the queue.
+    async fn read_done(&mut self) -> Result<()> {
+        let Some(reading) = self.reading.as_mut() else { return std::future::pending().await };
+        let batches = reading.await;
+        self.reading = None;
+        self.absorb(batches?);
+        Ok(())
+    }
+
+    /// Waits for the running read; false if there was none (nothing is left to send).
+    async fn wait_for_read(&mut self) -> Result<bool> {
+        if self.reading.is_none() {
+            return Ok(false);
+        }
+        self.read_done().await?;
+        Ok(true)
+    }
+}
+
 /// One connection's worth of work: redeem and replay pipelined, then everything else queued.
 async fn round(
     db: &Db,
@@ -203,24 +279,40 @@ async fn round(
     // instead of at fsync speed.
     let (progress, recorder) = Recorder::start(db.clone(), name.to_owned());
     let mut in_flight = FuturesOrdered::new();
-    let mut queue = batches.into_iter();
     let window = options.window.max(1);
+    let mut queue = Unsent::new(db, name, batches, options.read_chunk());
     let outcome: Result<()> = async {
         loop {
             while in_flight.len() < window {
-                let Some(batch) = queue.next() else { break };
+                let Some(batch) = queue.pop() else { break };
                 failpoint::hit("client-before-send");
                 let promise = wire::append_request(&session, client_id, &batch).send().promise;
                 let _ = progress.send(Progress::Sent(batch.batch_seq));
                 in_flight.push_back(async move { (batch, promise.await) });
             }
-            let next = tokio::time::timeout(options.ack_timeout, in_flight.next()).await.map_err(|_| {
-                ClientError::Rpc(capnp::Error::disconnected(format!("no ack within {:?}", options.ack_timeout)))
-            })?;
-            let Some((batch, response)) = next else { return Ok(()) };
+            queue.read_ahead(window);
+            if in_flight.is_empty() {
+                if queue.wait_for_read().await? {
+                    continue;
+                }
+                return Ok(());
+            }
+            let next = tokio::select! {
+                next = tokio::time::timeout(options.ack_timeout, in_flight.next()) => next.map_err(|_| {
+                    ClientError::Rpc(capnp::Error::disconnected(format!("no ack within {:?}", options.ack_timeout)))
+                })?,
+                read = queue.read_done() => {
+                    read?;
+                    continue;
+                }
+            };
+            let Some((batch, response)) = next else { continue };
             let response = response?;
             let ack = wire::read_ack(response.get()?.get_ack()?)?;
-            if ack.batch_seq != batch.batch_seq || ack.results.len() != batch.ops.len() {
+            if ack.batch_seq != batch.batch_seq
+                || ack.results.len() != batch.ops.len()
+                || ack.results.iter().zip(&batch.ops).any(|(r, op)| r.op_id != op.op_id)
+            {
                 return Err(ClientError::Invalid(format!("the server's ack does not match batch {}", batch.batch_seq)));
             }
             report.batches += 1;

@@ -11,6 +11,7 @@ use crate::rows::read_op;
 use crate::model::*;
 use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension};
+use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
@@ -47,6 +48,44 @@ pub struct OpCounts {
 pub struct FormedBatch {
     pub batch_seq: u64,
     pub ops: Vec<Op>,
+}
+
+/// How big a batch may grow: at most `max_ops` ops and about `max_bytes` bytes (an op
+/// bigger than `max_bytes` still goes, alone in its batch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_ops: usize,
+    pub max_bytes: usize,
+}
+
+/// What an op weighs against [`BatchLimits::max_bytes`]: its data and ids, in bytes.
+fn op_size(op: &Op) -> usize {
+    match &op.body {
+        OpBody::Put(e) => e.data.len() + e.id.len() + e.parent_id.len(),
+        OpBody::Delete { .. } => op.body.entity_id().len(),
+    }
+}
+
+/// Splits ops of these sizes, in order, into batches greedily from the front. With
+/// `close_last` false, a last batch that another op could still join is not returned.
+fn split_into_batches(sizes: &[usize], limits: BatchLimits, close_last: bool) -> Vec<Range<usize>> {
+    let max_ops = limits.max_ops.max(1);
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        let (mut end, mut bytes) = (start, 0usize);
+        while end < sizes.len() && end - start < max_ops && (end == start || bytes + sizes[end] <= limits.max_bytes) {
+            bytes += sizes[end];
+            end += 1;
+        }
+        let full = end < sizes.len() || end - start == max_ops;
+        if !full && !close_last {
+            break;
+        }
+        batches.push(start..end);
+        start = end;
+    }
+    batches
 }
 
 pub struct ClientDb {
@@ -137,15 +176,33 @@ impl ClientDb {
     }
 
     /// Commits `ops` to the outbox of `name` in one durable transaction.
-    pub fn enqueue(&self, name: &str, ops: &[Op]) -> Result<(), StorageError> {
+    ///
+    /// Batches that are already full are formed here, in the same transaction, so their rows
+    /// are written once with their `batch_seq` instead of being rewritten when `sync` groups
+    /// them. Grouping is the same greedy split [`ClientDb::form_batches`] makes, over the ref's
+    /// unbatched ops followed by `ops`; only the open batch at the end (one that the next op
+    /// could still join) is left for `form_batches`. Batch order stays enqueue order.
+    pub fn enqueue(&self, name: &str, ops: &[Op], limits: BatchLimits) -> Result<(), StorageError> {
         let tx = self.conn.unchecked_transaction()?;
+        let unbatched = Self::unbatched(&tx, name)?;
+        let sizes: Vec<usize> = unbatched.iter().map(|u| u.1).chain(ops.iter().map(op_size)).collect();
+        let full = split_into_batches(&sizes, limits, false);
+        let mut batch_of_new: Vec<Option<i64>> = vec![None; ops.len()];
+        if !full.is_empty() {
+            let first = Self::assign_batches(&tx, name, &unbatched, &full)?;
+            for (batch_seq, range) in (first..).zip(&full) {
+                for i in range.start.max(unbatched.len())..range.end {
+                    batch_of_new[i - unbatched.len()] = Some(batch_seq);
+                }
+            }
+        }
         let now = now_ms() as i64;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO outbox (op_id, ref_name, is_delete, kind, entity_id, parent_id, data, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO outbox (op_id, ref_name, is_delete, kind, entity_id, parent_id, data, batch_seq, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
-            for op in ops {
+            for (op, batch_seq) in ops.iter().zip(batch_of_new) {
                 let (is_delete, parent, data): (bool, &str, &[u8]) = match &op.body {
                     OpBody::Put(e) => (false, &e.parent_id, &e.data),
                     OpBody::Delete { .. } => (true, "", &[]),
@@ -158,6 +215,7 @@ impl ClientDb {
                     op.body.entity_id(),
                     parent,
                     data,
+                    batch_seq,
                     now
                 ])?;
             }
@@ -167,52 +225,76 @@ impl ClientDb {
         Ok(())
     }
 
-    /// Groups the ref's unbatched ops, in enqueue order, into batches of at most `max_ops`
-    /// ops and about `max_bytes` bytes, and fixes that grouping for good. Returns how many
+    /// Groups every unbatched op of the ref, in enqueue order, into batches within `limits`
+    /// (the last one too, however small) and fixes that grouping for good. Returns how many
     /// batches it formed.
-    pub fn form_batches(&self, name: &str, max_ops: usize, max_bytes: usize) -> Result<usize, StorageError> {
+    pub fn form_batches(&self, name: &str, limits: BatchLimits) -> Result<usize, StorageError> {
         let tx = self.conn.unchecked_transaction()?;
-        let unbatched: Vec<(i64, usize)> = tx
-            .prepare_cached(
-                "SELECT seq, length(data) + length(entity_id) + length(parent_id) FROM outbox
-                 WHERE ref_name = ?1 AND batch_seq IS NULL ORDER BY seq",
-            )?
-            .query_map([name], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))?
-            .collect::<Result<_, _>>()?;
+        let unbatched = Self::unbatched(&tx, name)?;
         if unbatched.is_empty() {
             return Ok(0);
         }
-        let mut next: i64 = tx.query_row("SELECT next_batch_seq FROM refs WHERE name = ?1", [name], |r| r.get(0))?;
-        let mut formed = 0;
-        let mut start = 0;
-        while start < unbatched.len() {
-            let (mut end, mut bytes) = (start, 0usize);
-            while end < unbatched.len() && end - start < max_ops && (end == start || bytes + unbatched[end].1 <= max_bytes) {
-                bytes += unbatched[end].1;
-                end += 1;
-            }
-            tx.prepare_cached("UPDATE outbox SET batch_seq = ?1 WHERE ref_name = ?2 AND seq BETWEEN ?3 AND ?4 AND batch_seq IS NULL")?
-                .execute(params![next, name, unbatched[start].0, unbatched[end - 1].0])?;
-            tx.prepare_cached("INSERT INTO batches (ref_name, batch_seq) VALUES (?1, ?2)")?.execute(params![name, next])?;
-            next += 1;
-            formed += 1;
-            start = end;
-        }
-        tx.prepare_cached("UPDATE refs SET next_batch_seq = ?2 WHERE name = ?1")?.execute(params![name, next])?;
+        let sizes: Vec<usize> = unbatched.iter().map(|u| u.1).collect();
+        let batches = split_into_batches(&sizes, limits, true);
+        Self::assign_batches(&tx, name, &unbatched, &batches)?;
         tx.commit()?;
-        Ok(formed)
+        Ok(batches.len())
     }
 
-    /// Every formed batch not yet acknowledged, in batchSeq order, with its ops in order.
-    pub fn unacked_batches(&self, name: &str) -> Result<Vec<FormedBatch>, StorageError> {
+    /// The ref's ops not yet in a batch: (outbox seq, size as [`op_size`] counts it).
+    fn unbatched(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Vec<(i64, usize)>, StorageError> {
+        Ok(tx
+            .prepare_cached(
+                "SELECT seq, length(data) + length(CAST(entity_id AS BLOB)) + length(CAST(parent_id AS BLOB))
+                 FROM outbox WHERE ref_name = ?1 AND batch_seq IS NULL ORDER BY seq",
+            )?
+            .query_map([name], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))?
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Records `batches` (index ranges into the ref's unbatched ops followed by ops about to
+    /// be inserted) under the ref's next batchSeqs: the rows of `unbatched` they cover get their
+    /// batchSeq now. Returns the first batchSeq used.
+    fn assign_batches(
+        tx: &rusqlite::Transaction<'_>,
+        name: &str,
+        unbatched: &[(i64, usize)],
+        batches: &[Range<usize>],
+    ) -> Result<i64, StorageError> {
+        let first: i64 = tx.query_row("SELECT next_batch_seq FROM refs WHERE name = ?1", [name], |r| r.get(0))?;
+        for (batch_seq, range) in (first..).zip(batches) {
+            if range.start < unbatched.len() {
+                let last = unbatched[range.end.min(unbatched.len()) - 1].0;
+                tx.prepare_cached(
+                    "UPDATE outbox SET batch_seq = ?1 WHERE ref_name = ?2 AND seq BETWEEN ?3 AND ?4 AND batch_seq IS NULL",
+                )?
+                .execute(params![batch_seq, name, unbatched[range.start].0, last])?;
+            }
+            tx.prepare_cached("INSERT INTO batches (ref_name, batch_seq) VALUES (?1, ?2)")?.execute(params![name, batch_seq])?;
+        }
+        tx.prepare_cached("UPDATE refs SET next_batch_seq = ?2 WHERE name = ?1")?
+            .execute(params![name, first + batches.len() as i64])?;
+        Ok(first)
+    }
+
+    /// Up to `max_batches` formed batches not yet acknowledged whose batchSeq is above
+    /// `after`, in batchSeq order, each with its ops in order. A sync reads them a few at a
+    /// time, so the first ones are on the wire while the rest are still being read.
+    pub fn unacked_batches(&self, name: &str, after: u64, max_batches: usize) -> Result<Vec<FormedBatch>, StorageError> {
+        // CROSS JOIN keeps the (small) set of unacked batches as the outer loop; otherwise the
+        // planner may walk the whole outbox to find them.
         let rows: Vec<(i64, Op)> = self
             .conn
             .prepare_cached(
                 "SELECT o.batch_seq, o.op_id, o.is_delete, o.kind, o.entity_id, o.parent_id, o.data
-                 FROM batches b JOIN outbox o ON o.ref_name = b.ref_name AND o.batch_seq = b.batch_seq
-                 WHERE b.ref_name = ?1 AND b.acked = 0 ORDER BY o.batch_seq, o.seq",
+                 FROM (SELECT batch_seq FROM batches WHERE ref_name = ?1 AND acked = 0 AND batch_seq > ?2
+                       ORDER BY batch_seq LIMIT ?3) AS b
+                 CROSS JOIN outbox o ON o.ref_name = ?1 AND o.batch_seq = b.batch_seq
+                 ORDER BY o.batch_seq, o.seq",
             )?
-            .query_map([name], |r| Ok((r.get(0)?, read_op(r, 1)?)))?
+            .query_map(params![name, after as i64, max_batches.min(i64::MAX as usize) as i64], |r| {
+                Ok((r.get(0)?, read_op(r, 1)?))
+            })?
             .collect::<Result<_, _>>()?;
         let mut batches: Vec<FormedBatch> = Vec::new();
         for (batch_seq, op) in rows {
@@ -231,10 +313,16 @@ impl ClientDb {
 
     /// Records, in one transaction, that `sent` batches went out and what `acks` said: many
     /// batches' progress shares one commit, and each ack's ops, batch and cursor still change
-    /// together.
+    /// together. The results of an ack are in the order of its batch's ops (the sync engine
+    /// checks their opIds against the batch before recording them).
     pub fn record_progress(&self, name: &str, sent: &[u64], acks: &[BatchAck]) -> Result<(), StorageError> {
         let tx = self.conn.unchecked_transaction()?;
         for seq in sent {
+            // A batch acked in this same transaction goes from pending to its outcome directly:
+            // its attempt is counted with the ack instead of rewriting its rows twice.
+            if acks.iter().any(|a| a.batch_seq == *seq) {
+                continue;
+            }
             tx.prepare_cached(
                 "UPDATE outbox SET state = CASE state WHEN 'pending' THEN 'sent' ELSE state END,
                                    attempts = attempts + 1
@@ -243,29 +331,60 @@ impl ClientDb {
             .execute(params![name, *seq as i64])?;
         }
         for ack in acks {
-            Self::apply_ack(&tx, name, ack)?;
+            Self::apply_ack(&tx, name, ack, sent.contains(&ack.batch_seq))?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn apply_ack(tx: &rusqlite::Transaction<'_>, name: &str, ack: &BatchAck) -> Result<(), StorageError> {
-        for r in &ack.results {
-            let state = match r.status {
-                OpStatus::Applied | OpStatus::Duplicate => "acked",
-                OpStatus::Conflict => "conflict",
-                OpStatus::Rejected => "rejected",
-            };
-            tx.prepare_cached(
-                "UPDATE outbox SET state = ?3, ack_seq = ?4, last_error = ?5 WHERE op_id = ?1 AND ref_name = ?2",
-            )?
-            .execute(params![&r.op_id, name, state, r.seq as i64, r.reason])?;
+    fn apply_ack(tx: &rusqlite::Transaction<'_>, name: &str, ack: &BatchAck, sent_now: bool) -> Result<(), StorageError> {
+        let attempt = i64::from(sent_now);
+        if !Self::apply_plain_ack(tx, name, ack, attempt)? {
+            for r in &ack.results {
+                let state = match r.status {
+                    OpStatus::Applied | OpStatus::Duplicate => "acked",
+                    OpStatus::Conflict => "conflict",
+                    OpStatus::Rejected => "rejected",
+                };
+                tx.prepare_cached(
+                    "UPDATE outbox SET state = ?3, ack_seq = ?4, last_error = ?5, attempts = attempts + ?6
+                     WHERE op_id = ?1 AND ref_name = ?2",
+                )?
+                .execute(params![&r.op_id, name, state, r.seq as i64, r.reason, attempt])?;
+            }
         }
         tx.prepare_cached("UPDATE batches SET acked = 1 WHERE ref_name = ?1 AND batch_seq = ?2")?
             .execute(params![name, ack.batch_seq as i64])?;
         tx.prepare_cached("UPDATE refs SET ack_cursor = max(ack_cursor, ?2), state = 'ok', last_error = '' WHERE name = ?1")?
             .execute(params![name, ack.cursor as i64])?;
         Ok(())
+    }
+
+    /// The common ack in one statement: every op applied or duplicate at consecutive seqs, and
+    /// the batch's rows at consecutive outbox seqs, so the n-th row (in outbox order, the order
+    /// the batch was sent in) gets the n-th seq. False, changing nothing, for any other ack.
+    fn apply_plain_ack(tx: &rusqlite::Transaction<'_>, name: &str, ack: &BatchAck, attempt: i64) -> Result<bool, StorageError> {
+        let Some(first) = ack.results.first() else { return Ok(false) };
+        let plain = ack.results.iter().enumerate().all(|(i, r)| {
+            matches!(r.status, OpStatus::Applied | OpStatus::Duplicate) && r.seq == first.seq + i as u64
+        });
+        if !plain {
+            return Ok(false);
+        }
+        let (low, high, rows): (i64, i64, i64) = tx
+            .prepare_cached("SELECT min(seq), max(seq), count(*) FROM outbox WHERE ref_name = ?1 AND batch_seq = ?2")?
+            .query_row(params![name, ack.batch_seq as i64], |r| {
+                Ok((r.get::<_, Option<i64>>(0)?.unwrap_or(0), r.get::<_, Option<i64>>(1)?.unwrap_or(-1), r.get(2)?))
+            })?;
+        if rows != ack.results.len() as i64 || high - low + 1 != rows {
+            return Ok(false);
+        }
+        tx.prepare_cached(
+            "UPDATE outbox SET state = 'acked', ack_seq = ?3 + (seq - ?4), last_error = '', attempts = attempts + ?5
+             WHERE ref_name = ?1 AND batch_seq = ?2",
+        )?
+        .execute(params![name, ack.batch_seq as i64, first.seq as i64, low, attempt])?;
+        Ok(true)
     }
 
     pub fn counts(&self, name: &str) -> Result<OpCounts, StorageError> {
@@ -301,6 +420,11 @@ impl ClientDb {
         tx.execute("UPDATE outbox SET state = 'sent' WHERE ref_name = ?1 AND state = 'acked'", [name])?;
         tx.commit()?;
         Ok(n as u64)
+    }
+
+    /// How many times an op was sent, counting replays.
+    pub fn op_attempts(&self, op_id: &Id16) -> Result<u64, StorageError> {
+        Ok(self.conn.query_row("SELECT attempts FROM outbox WHERE op_id = ?1", [&op_id[..]], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// Changes whenever another connection (another process) commits: cheap change polling.
