@@ -89,16 +89,20 @@ impl Connection {
         reader: impl futures::AsyncRead + Unpin + 'static,
         writer: impl futures::AsyncWrite + Unpin + 'static,
     ) -> Connection {
-        // One write per message instead of two (see the server's listener).
-        let writer = futures::io::BufWriter::with_capacity(8 * 1024, writer);
+        // Messages ready at one moment leave in one write (see the server's listener); the
+        // flusher runs in the RPC system's task.
+        let (writer, flusher) = capsync_schema::coalesce::coalescing(writer, 8 * 1024);
         let network = twoparty::VatNetwork::new(reader, writer, Side::Client, capnp::message::ReaderOptions::new());
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         tokio::task::spawn_local(async move {
-            if let Err(err) = rpc.await {
-                tracing::debug!(error = %err, "connection ended");
+            tokio::select! {
+                outcome = rpc => if let Err(err) = outcome {
+                    tracing::debug!(error = %err, "connection ended");
+                },
+                _ = flusher => tracing::debug!("connection ended: a write failed"),
             }
             let _ = closed_tx.send(true);
         });

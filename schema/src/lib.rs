@@ -7,12 +7,15 @@
 //! - [`token`]: sturdy-ref tokens (`csy_` + 43 base64url chars) and their SHA-256 hashes.
 //! - [`uri`]: sturdy URIs, `capsync://HOST:PORT/TOKEN`, with a `Debug`/`Display` that never
 //!   shows the token.
+//! - [`coalesce`]: the connection writer both ends use, which sends the messages ready at the
+//!   same moment in one write.
 
 pub mod capsync_capnp {
     #![allow(clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/capsync_capnp.rs"));
 }
 
+pub mod coalesce;
 pub mod marker;
 pub mod token;
 pub mod uri;

@@ -123,6 +123,8 @@ fn reader_options(config: &ServerConfig) -> ReaderOptions {
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Write buffer per connection (see `serve_connection`); 1,000 connections cost 8 MiB.
 const WRITE_BUFFER: usize = 8 * 1024;
+/// How long a connection closed for shutdown may take to send what it had buffered.
+const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[instrument(skip_all, fields(peer = %peer))]
 async fn serve_connection(
@@ -138,10 +140,11 @@ async fn serve_connection(
     let clock = FrameClock::new();
     let reader = FrameWatch::new(reader, clock.clone(), shared.limits.traversal_limit_words * 8);
     // capnp-futures writes a frame's segment table and its segments with separate writes,
-    // then flushes: unbuffered, that is two syscalls and (with TCP_NODELAY) two packets per
-    // message. Buffered, each message leaves in one write. 8 KiB covers calls and acks; a
-    // larger batch goes straight through.
-    let writer = futures::io::BufWriter::with_capacity(WRITE_BUFFER, writer);
+    // then flushes after every message: unbuffered, that is two syscalls and (with
+    // TCP_NODELAY) two packets per message. Coalesced, the messages ready at one moment (the
+    // replies to a burst of pipelined calls) leave in one write. 8 KiB covers calls and acks;
+    // a larger batch goes straight through. The flusher is polled in this task (see coalesce).
+    let (writer, mut flusher) = capsync_schema::coalesce::coalescing(writer, WRITE_BUFFER);
     let network = twoparty::VatNetwork::new(reader, writer, Side::Server, options);
     let frame_timeout = shared.limits.frame_timeout;
     let conn = Rc::new(Connection::new(shared.clone(), peer));
@@ -152,7 +155,12 @@ async fn serve_connection(
             Ok(()) => debug!("connection closed"),
             Err(err) => debug!(error = %err, "connection ended"),
         },
-        _ = closing.wait_for(|closing| *closing) => debug!("connection closed for shutdown"),
+        _ = &mut flusher => debug!("connection ended: a write failed"),
+        _ = closing.wait_for(|closing| *closing) => {
+            // Replies already written (acks of the last commits) still go out.
+            let _ = tokio::time::timeout(FINAL_FLUSH, flusher.finish()).await;
+            debug!("connection closed for shutdown");
+        }
         _ = stuck_in_frame(&clock, frame_timeout) => info!("connection closed: no complete frame within the frame timeout"),
     }
     shared.connections.set(shared.connections.get().saturating_sub(1));
