@@ -16,12 +16,21 @@ interface Gateway {
   # Exchanges a sturdy-ref token for a live capability. Redeeming the same token twice on one
   # connection returns the same live object. Fails with capsync/unknown-token,
   # capsync/expired or capsync/revoked.
-  redeem @0 (token :Text) -> (grant :Grant);
+  #
+  # Pipelining rule (DESIGN §3): the C++ Cap'n Proto library, and every binding built on it
+  # (pycapnp, node-capnp), cannot pipeline on a union member, so the capability a client calls
+  # right away is also returned outside any union: `session` for a session or share token
+  # (a Share is a Session), `admin` for the admin token. A client of any implementation sends
+  # `redeem(token).session.append(...)` without waiting for the redeem: one round trip.
+  # `grant.cap` carries the same object under its precise type, for clients that wait.
+  redeem @0 (token :Text) -> (grant :Grant, session :Session, admin :Admin);
+  #   grant: what the token grants (kind, ids, rights, epoch, expiry) and the capability.
+  #   session: the session or share capability; null for an admin token.
+  #   admin: the admin capability; null for a session or share token.
 }
 
-# What a token grants. Pipelining tip: `cap.session`, `cap.share` and `cap.admin` share one
-# pointer slot, and Share extends Session, so a client may pipeline Session calls on
-# `grant.cap.session` whatever kind of session token it redeems.
+# What a token grants. To pipeline, use the redeem result's `session`/`admin` fields: C++-based
+# implementations cannot pipeline on `cap`'s members.
 struct Grant {
   cap :union {
     session @0 :Session;   # owner capability of a session (all rights)

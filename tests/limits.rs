@@ -121,14 +121,16 @@ fn failed_redeems_are_throttled_per_address_and_audited() {
             assert_marker(cursor(&conn.session(&Token::generate()).0).await, Marker::UnknownToken);
         }
         assert_marker(cursor(&conn.session(&Token::generate()).0).await, Marker::Overloaded);
+        assert_marker(cursor(&conn.session(&Token::generate()).0).await, Marker::Overloaded);
+        // A correct token from the same address is still honoured: throttling slows guessing
+        // down, it never locks out the real owner or admin behind that address.
         let other = Connection::open(&server.addr).await.unwrap();
-        assert_marker(cursor(&other.session(&owner).0).await, Marker::Overloaded);
+        assert_eq!(cursor(&other.session(&owner).0).await.unwrap(), 0);
     });
     let (ok, stdout, stderr) = cli(&["admin", "--admin-file", data.join("admin.uri").to_str().unwrap(), "audit", "--json"]);
-    // The admin client comes from the same address: it is throttled too, until the window ends.
-    assert!(!ok && stderr.contains("capsync/overloaded"), "{stdout}{stderr}");
+    assert!(ok, "the admin on the same address is not locked out: {stdout}{stderr}");
     let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
     let count = |action: &str| -> i64 { db.query_row("SELECT count(*) FROM audit WHERE action = ?1", [action], |r| r.get(0)).unwrap() };
-    assert_eq!(count("redeem-failed"), 5);
+    assert_eq!(count("redeem-failed"), 5, "failures past the budget are not audited one by one");
     assert_eq!(count("redeem-throttled"), 1);
 }

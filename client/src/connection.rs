@@ -4,7 +4,6 @@ use crate::error::{ClientError, Result};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsync_schema::capsync_capnp::{admin, gateway, session};
-use capnp::capability::FromClientHook;
 use capsync_persistence::Rights;
 use capsync_schema::capsync_capnp::grant;
 use capsync_schema::{SturdyUri, Token};
@@ -116,31 +115,29 @@ impl Connection {
     }
 
     /// A session capability from `token`, pipelined: calls on it are sent without waiting
-    /// for the redeem's answer. A share's capability works here too: Share extends Session,
-    /// and `Grant.cap`'s members share one pointer slot. The returned future yields the grant
-    /// (or the redeem's refusal).
+    /// for the redeem's answer. Works for session and share tokens alike (the redeem result's
+    /// `session` field, outside any union). The returned future yields the grant (or the
+    /// redeem's refusal).
     pub fn session(&self, token: &Token) -> (session::Client, Redeemed) {
-        self.redeem(token)
+        let (pipeline, grant) = self.redeem(token);
+        (pipeline.get_session(), grant)
     }
 
     /// The admin capability from `token`, pipelined.
     pub fn admin(&self, token: &Token) -> (admin::Client, Redeemed) {
-        self.redeem(token)
+        let (pipeline, grant) = self.redeem(token);
+        (pipeline.get_admin(), grant)
     }
 
-    fn redeem<C: FromClientHook>(&self, token: &Token) -> (C, Redeemed) {
+    fn redeem(&self, token: &Token) -> (gateway::redeem_results::Pipeline, Redeemed) {
         let mut request = self.gateway.redeem_request();
         request.get().set_token(token.expose());
-        // capnpc-rust generates no pipeline accessors for union members, so walk the typeless
-        // pipeline: results.grant (pointer 0), then Grant.cap's shared slot (pointer 0).
-        let capnp::capability::RemotePromise { promise, pipeline } = request.hook.send();
-        let cap = C::new(pipeline.get_pointer_field(0).get_pointer_field(0).as_cap());
+        let capnp::capability::RemotePromise { promise, pipeline } = request.send();
         let grant = Box::pin(async move {
             let response = promise.await?;
-            let results: gateway::redeem_results::Reader<'_> = response.get()?.get_as()?;
-            Ok(GrantInfo::read(results.get_grant()?)?)
+            Ok(GrantInfo::read(response.get()?.get_grant()?)?)
         });
-        (cap, grant)
+        (pipeline, grant)
     }
 
     /// Closes the connection politely and waits until it is closed.

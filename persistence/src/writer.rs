@@ -4,11 +4,13 @@
 //! writes are serialised in submission order and two writers never race on a session. The
 //! thread takes every job waiting in its queue, runs each inside a `SAVEPOINT` of one
 //! transaction, commits once, and only then completes the jobs: many connections' batches share
-//! one fsync, and no completion (ack) ever precedes its commit.
+//! one fsync, and no completion (ack) ever precedes its commit. Urgent jobs (revocations) are
+//! taken ahead of everything still queued.
 
 use crate::StorageError;
 use rusqlite::Connection;
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// Called once the group a job belonged to has committed (`Ok`) or failed to (`Err`).
@@ -47,23 +49,79 @@ pub struct WriteJob {
     /// A barrier ends its group: jobs after it run only once its completion has run. Used for
     /// revocations, whose completion updates in-memory state later jobs depend on.
     pub barrier: bool,
+    /// An urgent job (a revocation, the emergency brake) is taken before every job still
+    /// waiting in the queue; it never waits behind a flood of appends. It always runs as a
+    /// barrier, in a group of its own.
+    pub urgent: bool,
     pub body: JobBody,
 }
 
 impl WriteJob {
     pub fn new(body: impl for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send + 'static) -> WriteJob {
-        WriteJob { barrier: false, body: Box::new(body) }
+        WriteJob { barrier: false, urgent: false, body: Box::new(body) }
     }
 
     pub fn barrier(body: impl for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send + 'static) -> WriteJob {
-        WriteJob { barrier: true, body: Box::new(body) }
+        WriteJob { barrier: true, urgent: false, body: Box::new(body) }
+    }
+
+    /// A barrier that jumps the queue (see [`WriteJob::urgent`]).
+    pub fn urgent(body: impl for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send + 'static) -> WriteJob {
+        WriteJob { barrier: true, urgent: true, body: Box::new(body) }
     }
 }
 
-/// Handle to the writer thread. Cloning the sender is cheap; the thread exits once every
-/// sender is gone and its queue is drained.
+/// The writer's two queues: urgent jobs first, then the rest in submission order.
+#[derive(Default)]
+struct Queues {
+    urgent: VecDeque<WriteJob>,
+    normal: VecDeque<WriteJob>,
+    closed: bool,
+    panicked: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<Queues>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next group to run: one urgent job alone, or normal jobs up to a barrier (a barrier
+    /// starts its own group so that everything before it is committed and completed first).
+    /// `None` once closed and drained.
+    fn next_group(&self) -> Option<Vec<WriteJob>> {
+        let mut queues = self.lock();
+        loop {
+            if let Some(job) = queues.urgent.pop_front() {
+                return Some(vec![job]);
+            }
+            if let Some(first) = queues.normal.pop_front() {
+                let mut group = vec![first];
+                while !group[group.len() - 1].barrier && group.len() < MAX_GROUP {
+                    match queues.normal.front() {
+                        Some(next) if !next.barrier => group.push(queues.normal.pop_front().expect("front exists")),
+                        _ => break,
+                    }
+                }
+                return Some(group);
+            }
+            if queues.closed {
+                return None;
+            }
+            queues = self.ready.wait(queues).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Handle to the writer thread. The thread exits once the writer is shut down (or dropped)
+/// and its queue is drained.
 pub struct Writer {
-    sender: Option<mpsc::Sender<WriteJob>>,
+    queue: Arc<Queue>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -73,60 +131,75 @@ const MAX_GROUP: usize = 1024;
 impl Writer {
     /// Starts the thread, which owns `conn` from now on.
     pub fn start(name: &str, mut conn: Connection) -> Writer {
-        let (sender, receiver) = mpsc::channel::<WriteJob>();
+        let queue = Arc::new(Queue::default());
+        let jobs = queue.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{name}-writer"))
             .spawn(move || {
-                let mut carried: Option<WriteJob> = None;
-                loop {
-                    let first = match carried.take() {
-                        Some(job) => job,
-                        None => match receiver.recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        },
-                    };
-                    let mut group = vec![first];
-                    while !group.last().is_some_and(|j| j.barrier) && group.len() < MAX_GROUP {
-                        match receiver.try_recv() {
-                            Ok(job) if job.barrier => {
-                                // A barrier starts its own group so that everything before it
-                                // is committed and completed first.
-                                carried = Some(job);
-                                break;
-                            }
-                            Ok(job) => group.push(job),
-                            Err(_) => break,
-                        }
+                while let Some(group) = jobs.next_group() {
+                    let run = std::panic::AssertUnwindSafe(|| run_group(&mut conn, group));
+                    if std::panic::catch_unwind(run).is_err() {
+                        // A bug, not a storage failure: stop rather than write on after it.
+                        // Dropping the queued jobs fails their futures with `Stopped`.
+                        tracing::error!("a write job panicked: the writer stops and every queued write fails");
+                        let mut queues = jobs.lock();
+                        queues.closed = true;
+                        queues.panicked = true;
+                        queues.urgent.clear();
+                        queues.normal.clear();
+                        return;
                     }
-                    run_group(&mut conn, group);
                 }
             })
             .expect("spawning the writer thread");
-        Writer { sender: Some(sender), thread: Some(thread) }
+        Writer { queue, thread: Some(thread) }
+    }
+
+    /// A writer that takes no jobs (what remains after its thread was handed off to stop).
+    pub fn stopped() -> Writer {
+        let queue = Queue::default();
+        queue.lock().closed = true;
+        Writer { queue: Arc::new(queue), thread: None }
     }
 
     pub fn submit(&self, job: WriteJob) -> Result<(), StorageError> {
-        let sender = self.sender.as_ref().ok_or(StorageError::Stopped)?;
-        sender.send(job).map_err(|_| StorageError::Stopped)
+        let mut queues = self.queue.lock();
+        if queues.closed {
+            return Err(StorageError::Stopped);
+        }
+        if job.urgent {
+            tracing::trace!(queued = queues.normal.len(), "urgent write queued ahead of the others");
+            queues.urgent.push_back(job);
+        } else {
+            queues.normal.push_back(job);
+        }
+        drop(queues);
+        self.queue.ready.notify_one();
+        Ok(())
+    }
+
+    /// Jobs waiting to run (not counting the group being committed).
+    pub fn queued(&self) -> usize {
+        let queues = self.queue.lock();
+        queues.urgent.len() + queues.normal.len()
     }
 
     /// Stops taking jobs, lets the queue drain (every queued job commits and completes) and
-    /// waits for the thread.
-    pub fn shutdown(&mut self) {
-        self.sender = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    /// waits for the thread. A writer thread that panicked is reported, not hidden.
+    pub fn shutdown(&mut self) -> Result<(), StorageError> {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
+        let joined = self.thread.take().map(JoinHandle::join);
+        if matches!(joined, Some(Err(_))) || self.queue.lock().panicked {
+            return Err(StorageError::Stopped);
         }
+        Ok(())
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.sender = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let _ = self.shutdown();
     }
 }
 
@@ -176,5 +249,53 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
     }
     for completion in completions {
         completion(committed.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(log: &Arc<Mutex<Vec<&'static str>>>, name: &'static str, urgent: bool) -> WriteJob {
+        let log = log.clone();
+        let body = move |_: &Txn<'_>| {
+            log.lock().unwrap().push(name);
+            JobOutcome { keep: true, completion: Box::new(|_| {}) }
+        };
+        if urgent { WriteJob::urgent(body) } else { WriteJob::new(body) }
+    }
+
+    #[test]
+    fn an_urgent_job_runs_before_the_jobs_queued_ahead_of_it() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut writer = Writer::start("test", Connection::open_in_memory().unwrap());
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let hold_rx = Mutex::new(hold_rx);
+        // The first job holds the writer, alone in its group, until every other job is queued.
+        writer
+            .submit(WriteJob::new(move |_| {
+                started_tx.send(()).unwrap();
+                let _ = hold_rx.lock().unwrap().recv();
+                JobOutcome { keep: true, completion: Box::new(|_| {}) }
+            }))
+            .unwrap();
+        started_rx.recv().unwrap();
+        for name in ["a1", "a2", "a3"] {
+            writer.submit(job(&log, name, false)).unwrap();
+        }
+        writer.submit(job(&log, "revoke", true)).unwrap();
+        assert_eq!(writer.queued(), 4);
+        hold_tx.send(()).unwrap();
+        writer.shutdown().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["revoke", "a1", "a2", "a3"]);
+    }
+
+    #[test]
+    fn a_panicking_writer_thread_is_reported_at_shutdown() {
+        let mut writer = Writer::start("test", Connection::open_in_memory().unwrap());
+        writer.submit(WriteJob::new(|_| panic!("a bug in a job"))).unwrap();
+        assert!(matches!(writer.shutdown(), Err(StorageError::Stopped)));
+        assert!(writer.submit(WriteJob::new(|_| unreachable!())).is_err(), "no job is taken after shutdown");
     }
 }

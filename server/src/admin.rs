@@ -3,7 +3,7 @@
 use crate::access::Access;
 use crate::convert;
 use crate::error::{Result, ServerError};
-use crate::gateway::Connection;
+use crate::gateway::{Connection, LiveGuard};
 use crate::registry::ObjectKey;
 use crate::store::now_ms;
 use capsync_persistence::server::{SessionRow, ShareRow, TargetKind, TokenRow};
@@ -17,11 +17,12 @@ use tracing::{info, instrument};
 pub struct AdminImpl {
     access: Access,
     conn: Rc<Connection>,
+    _live: LiveGuard,
 }
 
 impl AdminImpl {
     pub fn new(access: Access, conn: Rc<Connection>) -> AdminImpl {
-        AdminImpl { access, conn }
+        AdminImpl { access, _live: conn.hold_capability(), conn }
     }
 
     fn check(&self) -> Result<()> {

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 pub struct ServerConfig {
     /// Holds `capsync.db` (SQLite, WAL) and `admin.uri`.
     pub data_dir: PathBuf,
-    /// Connections served at once; further clients wait in the listen backlog.
+    /// Connections served at once; further clients wait in the listen backlog. A quarter of
+    /// them is kept for addresses that have redeemed a token.
     pub max_connections: usize,
     pub reader_threads: usize,
     pub limits: Limits,
@@ -39,6 +40,18 @@ pub struct Limits {
     /// refused with `capsync/overloaded` for the rest of the window.
     pub max_failed_redeems: u32,
     pub redeem_window: std::time::Duration,
+    /// Failed redeems written to the audit table per `redeem_window`, server-wide; the rest
+    /// are counted in one summary row.
+    pub max_failure_audits: u32,
+    /// Bytes of large frames one connection may have read and not yet had answered.
+    pub max_connection_bytes_in_flight: usize,
+    /// The same over all connections.
+    pub max_server_bytes_in_flight: usize,
+    pub max_subscriptions_per_connection: usize,
+    /// A connection holding no live capability is closed after this long without a frame.
+    pub idle_timeout: std::time::Duration,
+    /// Connections one peer address may hold open; 0 = no limit (e.g. behind a balancer).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for Limits {
@@ -56,6 +69,12 @@ impl Default for Limits {
             frame_timeout: std::time::Duration::from_secs(10),
             max_failed_redeems: 20,
             redeem_window: std::time::Duration::from_secs(60),
+            max_failure_audits: 100,
+            max_connection_bytes_in_flight: 64 * 1024 * 1024,
+            max_server_bytes_in_flight: 256 * 1024 * 1024,
+            max_subscriptions_per_connection: 64,
+            idle_timeout: std::time::Duration::from_secs(30),
+            max_connections_per_address: 64,
         }
     }
 }

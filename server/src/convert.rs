@@ -116,6 +116,11 @@ fn entity_from(e: entity::Reader<'_>, limits: &Limits) -> std::result::Result<En
     if data.len() > limits.max_data_bytes {
         return Err(format!("too large: data is {} bytes; the limit is {}", data.len(), limits.max_data_bytes));
     }
+    // serde_json skips over strings it ignores without checking their UTF-8, so that is
+    // checked on its own: data is UTF-8 JSON, byte for byte.
+    if std::str::from_utf8(data).is_err() {
+        return Err("data is not valid UTF-8".into());
+    }
     if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
         return Err("data is not valid UTF-8 JSON".into());
     }

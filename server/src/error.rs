@@ -28,6 +28,8 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the data dir {} is in use by another capsync server (pid {holder}); stop it first or choose another --data-dir", dir.display())]
+    DataDirInUse { dir: std::path::PathBuf, holder: String },
 }
 
 impl ServerError {
@@ -42,7 +44,7 @@ impl ServerError {
             ServerError::Gap { .. } => Marker::Gap,
             ServerError::Diverged(_) => Marker::Diverged,
             ServerError::Overloaded(_) => Marker::Overloaded,
-            ServerError::Storage(_) | ServerError::Io(_) => Marker::Internal,
+            ServerError::Storage(_) | ServerError::Io(_) | ServerError::DataDirInUse { .. } => Marker::Internal,
         }
     }
 }

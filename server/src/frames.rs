@@ -12,6 +12,7 @@
 //!   one, is closed after the frame timeout. (An idle connection between frames is fine: it
 //!   may hold capabilities or a subscription.)
 
+use crate::budget::{ConnectionBudget, LARGE_FRAME};
 use futures::AsyncRead;
 use std::cell::Cell;
 use std::pin::Pin;
@@ -24,16 +25,28 @@ use std::time::Instant;
 pub struct FrameClock {
     /// When the frame now being received started; `None` between frames.
     started: Cell<Option<Instant>>,
+    /// When the last frame was complete (or the connection opened).
+    last_frame: Cell<Instant>,
+    /// The server holds this connection's reading back (byte budget): not the peer's fault.
+    held: Cell<bool>,
 }
 
 impl FrameClock {
     /// A new connection counts as "inside a frame" from the start: it owes its first frame.
     pub fn new() -> Rc<FrameClock> {
-        Rc::new(FrameClock { started: Cell::new(Some(Instant::now())) })
+        Rc::new(FrameClock { started: Cell::new(Some(Instant::now())), last_frame: Cell::new(Instant::now()), held: Cell::new(false) })
+    }
+
+    /// How long since the peer last completed a frame.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        self.last_frame.get().elapsed()
     }
 
     /// How long the current frame has been arriving, if one is.
     pub fn pending_for(&self) -> Option<std::time::Duration> {
+        if self.held.get() {
+            return None;
+        }
         self.started.get().map(|t| t.elapsed())
     }
 }
@@ -62,6 +75,9 @@ pub struct FrameWatch<R> {
     ready: Vec<u8>,
     ready_at: usize,
     max_frame_bytes: u64,
+    budget: Option<Rc<ConnectionBudget>>,
+    /// A large frame whose body may not be read until its charge fits the budgets.
+    uncharged: Option<usize>,
 }
 
 impl<R> FrameWatch<R> {
@@ -74,7 +90,15 @@ impl<R> FrameWatch<R> {
             ready: Vec::new(),
             ready_at: 0,
             max_frame_bytes: max_frame_bytes as u64,
+            budget: None,
+            uncharged: None,
         }
+    }
+
+    /// Charges large frames to `budget` (see [`crate::budget`]) before reading their bodies.
+    pub fn with_budget(mut self, budget: Rc<ConnectionBudget>) -> FrameWatch<R> {
+        self.budget = Some(budget);
+        self
     }
 
     fn u32_at(&self, at: usize) -> u32 {
@@ -116,6 +140,12 @@ impl<R> FrameWatch<R> {
                     if words * 8 > self.max_frame_bytes {
                         State::PassThrough
                     } else {
+                        let bytes = (words * 8) as usize;
+                        if let Some(budget) = self.budget.as_ref().filter(|_| bytes >= LARGE_FRAME) {
+                            if !budget.try_charge(bytes, None) {
+                                self.uncharged = Some(bytes);
+                            }
+                        }
                         State::Body { remaining: words * 8 }
                     }
                 }
@@ -127,6 +157,7 @@ impl<R> FrameWatch<R> {
                     self.release();
                     self.state = State::Header { have: 0 };
                     self.clock.started.set(None);
+                    self.clock.last_frame.set(Instant::now());
                 }
                 State::PassThrough => self.release(),
                 _ => {}
@@ -152,6 +183,18 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameWatch<R> {
                 buf[..n].copy_from_slice(&this.ready[this.ready_at..this.ready_at + n]);
                 this.ready_at += n;
                 return Poll::Ready(Ok(n));
+            }
+            if let (Some(bytes), Some(budget)) = (this.uncharged, &this.budget) {
+                if !budget.try_charge(bytes, Some(cx.waker())) {
+                    // Over budget: stop reading this connection until charges are released.
+                    this.clock.held.set(true);
+                    return Poll::Pending;
+                }
+                this.uncharged = None;
+                if this.clock.held.replace(false) {
+                    // The rest of the frame is owed from now, not from before the hold.
+                    this.clock.started.set(Some(Instant::now()));
+                }
             }
             let mut chunk = [0u8; 16 * 1024];
             match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {

@@ -8,7 +8,10 @@
 //! # async fn demo() -> Result<(), capsync_server::ServerError> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let config = capsync_server::ServerConfig::new("./capsync-data");
-//! capsync_server::run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! capsync_server::run(listener, config, |addr| tracing::info!(%addr, "ready"), async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
 //! # }
 //! ```
 //!
@@ -16,6 +19,9 @@
 //!
 //! - [`listener`]: the accept loop, the connection limit and one `RpcSystem` per connection.
 //! - [`frames`]: the frame watchdog that closes connections stuck before or inside a frame.
+//! - [`budget`]: byte budgets per connection and server-wide for frames read and not answered.
+//! - [`peers`]: per-address connection limits and the share kept for peers that redeemed.
+//! - [`throttle`]: failed-redeem accounting per address and the audit cap.
 //! - [`gateway`]: `Gateway.redeem`, from token to live capability, and the shared state.
 //! - [`session`]: `Session` and `Share` (one implementation, limited by rights).
 //! - [`subscription`]: `subscribe`: catch-up then live ops to a streaming `Listener`.
@@ -26,6 +32,7 @@
 //! - [`registry`]: in-memory epoch cells that revocation bumps.
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
 //! - [`convert`]: wire structs to storage model and back, with per-op validation.
+//! - [`datadir`]: the exclusive lock that makes one server the owner of its data dir.
 //! - [`bootstrap`]: `<data-dir>/admin.uri`.
 //! - [`tls`]: the TLS server configuration from PEM files.
 //! - [`config`]: settings and limits.
@@ -34,18 +41,22 @@
 pub mod access;
 pub mod admin;
 pub mod bootstrap;
+pub mod budget;
 pub mod config;
 pub mod convert;
+pub mod datadir;
 pub mod error;
 pub mod feed;
 pub mod frames;
 pub mod gateway;
 pub mod listener;
+pub mod peers;
 pub mod registry;
 pub mod sequencer;
 pub mod session;
 pub mod store;
 pub mod subscription;
+pub mod throttle;
 pub mod tls;
 
 pub use config::{Limits, ServerConfig};

@@ -2,8 +2,10 @@
 
 use crate::bootstrap;
 use crate::config::ServerConfig;
+use crate::datadir::DataDirLock;
 use crate::error::Result;
 use crate::frames::{FrameClock, FrameWatch};
+use crate::budget::ConnectionBudget;
 use crate::gateway::{Connection, GatewayImpl, Shared};
 use crate::registry::EpochRegistry;
 use crate::store::{SqliteStore, Store};
@@ -11,7 +13,6 @@ use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
 use capsync_schema::capsync_capnp::gateway;
-use std::cell::Cell;
 use std::future::Future;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::rc::Rc;
@@ -26,27 +27,27 @@ use tracing::{debug, error, info, instrument, warn};
 /// connection, and returns once every queued write has committed.
 ///
 /// Must run inside a [`tokio::task::LocalSet`]: capnp-rpc objects are `!Send`.
-pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+/// `ready` is called with the bound address once the server owns its data dir, has opened its
+/// database and written `admin.uri`: from then on a client can connect and redeem.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    ready: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir)?;
+    let _owner = DataDirLock::acquire(&config.data_dir)?;
     let store: Rc<dyn Store> = Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads)?);
     let registry = Arc::new(EpochRegistry::default());
     let local = listener.local_addr()?;
     bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local, config.tls.is_some()).await?;
+    if local.ip().is_unspecified() && config.tls.is_none() {
+        error!("listening on every interface without TLS: tokens cross the network in clear text");
+    }
+    ready(local);
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let (closing_subscriptions, closing) = watch::channel(false);
-    let shared = Rc::new(Shared {
-        store: store.clone(),
-        registry,
-        limits: config.limits.clone(),
-        feeds: Arc::default(),
-        closing,
-        subscription_tasks: TaskTracker::new(),
-        sequencer: Default::default(),
-        connections: Cell::new(0),
-        live_capabilities: Cell::new(0),
-        subscriptions: Cell::new(0),
-        redeem_failures: Default::default(),
-    });
+    let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing));
     info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
 
     let permits = Arc::new(Semaphore::new(config.max_connections));
@@ -70,6 +71,13 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
             },
             _ = &mut shutdown => break,
         };
+        let anonymous_limit = config.max_connections - config.max_connections / 4;
+        let admitted = shared.peers.borrow_mut().admit(peer.ip(), config.limits.max_connections_per_address, anonymous_limit);
+        if let Err(refusal) = admitted {
+            debug!(peer = %peer, ?refusal, "connection refused");
+            drop(stream);
+            continue;
+        }
         let shared = shared.clone();
         let closing = closing.clone();
         let options = reader_options(&config);
@@ -107,7 +115,9 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
     let _ = closing_tx.send(true);
     tracker.close();
     tracker.wait().await;
-    store.shutdown();
+    if let Err(err) = store.shutdown().await {
+        error!(error = %err, "the store did not shut down cleanly");
+    }
     info!("shut down");
     Ok(())
 }
@@ -138,7 +148,8 @@ async fn serve_connection(
     shared.connections.set(shared.connections.get() + 1);
     debug!("connection opened");
     let clock = FrameClock::new();
-    let reader = FrameWatch::new(reader, clock.clone(), shared.limits.traversal_limit_words * 8);
+    let budget = ConnectionBudget::new(shared.budget.clone(), shared.limits.max_connection_bytes_in_flight);
+    let reader = FrameWatch::new(reader, clock.clone(), shared.limits.traversal_limit_words * 8).with_budget(budget.clone());
     // capnp-futures writes a frame's segment table and its segments with separate writes,
     // then flushes after every message: unbuffered, that is two syscalls and (with
     // TCP_NODELAY) two packets per message. Coalesced, the messages ready at one moment (the
@@ -146,57 +157,70 @@ async fn serve_connection(
     // a larger batch goes straight through. The flusher is polled in this task (see coalesce).
     let (writer, mut flusher) = capsync_schema::coalesce::coalescing(writer, WRITE_BUFFER);
     let network = twoparty::VatNetwork::new(reader, writer, Side::Server, options);
-    let frame_timeout = shared.limits.frame_timeout;
-    let conn = Rc::new(Connection::new(shared.clone(), peer));
-    let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(conn));
+    let conn = Rc::new(Connection::new(shared.clone(), peer, budget));
+    let gateway: gateway::Client = capnp_rpc::new_client(GatewayImpl::new(conn.clone()));
     let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
     tokio::select! {
-        outcome = rpc => match outcome {
-            Ok(()) => debug!("connection closed"),
-            Err(err) => debug!(error = %err, "connection ended"),
-        },
+        outcome = rpc => {
+            match outcome {
+                Ok(()) => debug!("connection closed"),
+                Err(err) => debug!(error = %err, "connection ended"),
+            }
+            // The RPC system's last words (an abort saying why, e.g. a message over the size
+            // limit) may still sit in the coalescing buffer: send them before closing.
+            let _ = tokio::time::timeout(FINAL_FLUSH, flusher.finish()).await;
+        }
         _ = &mut flusher => debug!("connection ended: a write failed"),
         _ = closing.wait_for(|closing| *closing) => {
             // Replies already written (acks of the last commits) still go out.
             let _ = tokio::time::timeout(FINAL_FLUSH, flusher.finish()).await;
             debug!("connection closed for shutdown");
         }
-        _ = stuck_in_frame(&clock, frame_timeout) => info!("connection closed: no complete frame within the frame timeout"),
+        reason = watchdog(&clock, &conn) => info!(reason, "connection closed"),
     }
+    // Whatever still works for this connection (subscriptions) stops now, so nothing keeps
+    // its socket or its memory once it is gone.
+    conn.closed.cancel();
+    if let Some(ip) = conn.peer_ip() {
+        shared.peers.borrow_mut().closed(ip, !conn.authenticated.get());
+    }
+    conn.budget.release_all();
     shared.connections.set(shared.connections.get().saturating_sub(1));
 }
 
-/// Completes once the connection has been before or inside a frame for longer than `limit`.
-async fn stuck_in_frame(clock: &FrameClock, limit: std::time::Duration) {
-    let tick = (limit / 4).max(std::time::Duration::from_millis(50));
+/// Completes, saying why, once the connection should be closed: it has been before or inside
+/// a frame for longer than the frame timeout, or it holds no live capability and has sent
+/// nothing for the idle timeout. Also releases the byte charges of a connection with no call
+/// in flight (frames that carried no call, such as returns, are never answered).
+async fn watchdog(clock: &FrameClock, conn: &Connection) -> &'static str {
+    let limits = &conn.shared.limits;
+    let tick = (limits.frame_timeout.min(limits.idle_timeout) / 4).max(std::time::Duration::from_millis(50));
     loop {
         tokio::time::sleep(tick).await;
-        if clock.pending_for().is_some_and(|d| d > limit) {
-            return;
+        if clock.pending_for().is_some_and(|d| d > limits.frame_timeout) {
+            return "no complete frame within the frame timeout";
+        }
+        let idle = conn.in_flight.get() == 0;
+        if idle && conn.live.get() == 0 && conn.subscriptions.get() == 0 && clock.quiet_for() > limits.idle_timeout {
+            return "idle without a live capability";
+        }
+        if idle {
+            conn.budget.release_all();
         }
     }
 }
 
 /// Runs [`run`] on a fresh single-threaded runtime and `LocalSet`; for the binary.
-pub fn serve_blocking(listen: &str, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub fn serve_blocking(
+    listen: &str,
+    config: ServerConfig,
+    ready: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let listener = TcpListener::bind(listen).await?;
-        announce(&listener)?;
-        run(listener, config, shutdown).await
+        run(listener, config, ready, shutdown).await
     })
-}
-
-/// Prints the bound address on stdout, so scripts and tests using port 0 learn the port.
-fn announce(listener: &TcpListener) -> Result<()> {
-    use std::io::Write as _;
-    let addr = listener.local_addr()?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "capsync listening on {addr}")?;
-    out.flush()?;
-    if addr.ip().is_unspecified() {
-        error!("listening on every interface without TLS: tokens cross the network in clear text");
-    }
-    Ok(())
 }

@@ -8,7 +8,7 @@
 use crate::access::Access;
 use crate::convert;
 use crate::error::{Result, ServerError};
-use crate::gateway::Connection;
+use crate::gateway::{Connection, LiveGuard};
 use crate::store::now_ms;
 use capsync_persistence::server::{ShareRow, TargetKind, TokenRow};
 use capsync_persistence::Rights;
@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 pub struct SessionImpl {
     access: Access,
     conn: Rc<Connection>,
+    _live: LiveGuard,
 }
 
 const READ: Rights = Rights { read: true, append: false, mint: false };
@@ -28,9 +29,7 @@ const MINT: Rights = Rights { read: false, append: false, mint: true };
 
 impl SessionImpl {
     pub fn new(access: Access, conn: Rc<Connection>) -> SessionImpl {
-        let live = &conn.shared.live_capabilities;
-        live.set(live.get() + 1);
-        SessionImpl { access, conn }
+        SessionImpl { access, _live: conn.hold_capability(), conn }
     }
 
     /// Checks rights; a refusal (not a revocation) is audited as `denied`.
@@ -38,7 +37,7 @@ impl SessionImpl {
         let result = self.access.require(needed, what);
         if let Err(ServerError::Denied(reason)) = &result {
             warn!(peer = %self.conn.peer, share = %self.access.id, method = what, "denied");
-            self.conn.shared.store.audit(self.conn.event("denied", Some(&self.access), reason.clone()));
+            self.conn.audit("denied", Some(&self.access), reason.clone());
         }
         result
     }
@@ -61,13 +60,6 @@ impl SessionImpl {
             ));
         }
         Ok(wanted)
-    }
-}
-
-impl Drop for SessionImpl {
-    fn drop(&mut self) {
-        let live = &self.conn.shared.live_capabilities;
-        live.set(live.get().saturating_sub(1));
     }
 }
 
@@ -96,7 +88,9 @@ impl session::Server for SessionImpl {
                 return Err(err.into());
             }
         };
-        self.access.check()?;
+        // No epoch check here: the writer ordered this batch against every revocation (its
+        // admission check ran in the same transaction), so a batch that committed was admitted
+        // before the revocation, and answering `revoked` now would hide an applied batch.
         convert::set_ack(results.get().init_ack(), &ack);
         Ok(())
     }
@@ -154,6 +148,10 @@ impl session::Server for SessionImpl {
         self.require(READ, "subscribe")?;
         let params = params.get()?;
         let listener = params.get_listener()?;
+        let cap = self.conn.shared.limits.max_subscriptions_per_connection;
+        if self.conn.subscriptions.get() >= cap {
+            return Err(ServerError::Overloaded(format!("more than {cap} subscriptions on one connection")).into());
+        }
         let subscription = crate::subscription::start(self.access.clone(), self.conn.clone(), listener, params.get_after());
         results.get().set_subscription(subscription);
         Ok(())
@@ -166,7 +164,7 @@ impl session::Server for SessionImpl {
         let rights = convert::rights_from(params.get_rights()?);
         if !rights.is_subset_of(self.access.rights) {
             let reason = format!("cannot mint [{}] from a capability with [{}]", rights.names(), self.access.rights.names());
-            self.conn.shared.store.audit(self.conn.event("denied", Some(&self.access), reason.clone()));
+            self.conn.audit("denied", Some(&self.access), reason.clone());
             return Err(ServerError::Denied(reason).into());
         }
         if rights == Rights::default() {
@@ -176,7 +174,13 @@ impl session::Server for SessionImpl {
         if label.len() > 256 {
             return Err(ServerError::Invalid("label is longer than 256 bytes".into()).into());
         }
-        let expires_at = self.child_expiry(params.get_ttl_seconds())?;
+        let expires_at = match self.child_expiry(params.get_ttl_seconds()) {
+            Ok(at) => at,
+            Err(err) => {
+                self.conn.audit("denied", Some(&self.access), err.to_string());
+                return Err(err.into());
+            }
+        };
         let now = now_ms();
         let share_id = uuid::Uuid::now_v7().to_string();
         let (parent_share_id, parent) = match self.access.kind {
@@ -244,7 +248,7 @@ impl session::Server for SessionImpl {
     }
 }
 
-fn op_bytes(body: &capsync_persistence::OpBody) -> usize {
+pub(crate) fn op_bytes(body: &capsync_persistence::OpBody) -> usize {
     match body {
         capsync_persistence::OpBody::Put(e) => e.data.len() + e.id.len(),
         capsync_persistence::OpBody::Delete { id, .. } => id.len(),
@@ -252,7 +256,7 @@ fn op_bytes(body: &capsync_persistence::OpBody) -> usize {
 }
 
 /// How many leading items fit in `budget` bytes; always at least one, so a page progresses.
-fn within_bytes(sizes: impl Iterator<Item = usize>, budget: usize) -> usize {
+pub(crate) fn within_bytes(sizes: impl Iterator<Item = usize>, budget: usize) -> usize {
     let mut total = 0usize;
     let mut count = 0usize;
     for size in sizes {

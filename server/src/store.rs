@@ -40,12 +40,32 @@ pub struct Resolution {
     pub admin_epoch: Option<u64>,
 }
 
+/// Where a write goes in the writer's queue.
+#[derive(Clone, Copy, Debug)]
+enum Priority {
+    Normal,
+    /// Runs after everything queued before it and before anything queued after it.
+    Barrier,
+    /// A revocation: ahead of everything still queued (see `WriteJob::urgent`).
+    Urgent,
+}
+
+/// Runs a fire-and-forget write (an audit row, a token's last use) to completion in the
+/// background; a failure is logged, never silently dropped.
+pub fn detach(what: &'static str, write: Fut<()>) {
+    tokio::task::spawn_local(async move {
+        if let Err(err) = write.await {
+            tracing::warn!(error = %err, what, "a background write failed; its row is lost");
+        }
+    });
+}
+
 pub trait Store {
     fn resolve_token(&self, hash: [u8; 32]) -> Fut<Option<Resolution>>;
-    /// Records a redeem: the token's `last_used_at` and an audit row. Fire and forget.
-    fn record_redeem(&self, hash: [u8; 32], event: AuditEvent);
-    /// Appends an audit row. Fire and forget.
-    fn audit(&self, event: AuditEvent);
+    /// Records a redeem: the token's `last_used_at` and an audit row.
+    fn record_redeem(&self, hash: [u8; 32], event: AuditEvent) -> Fut<()>;
+    /// Appends an audit row.
+    fn audit(&self, event: AuditEvent) -> Fut<()>;
     /// Applies a batch; once it is durable, `publish` gets the ops it applied (in commit order,
     /// on the storage thread), then the ack is returned.
     fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck>;
@@ -66,7 +86,7 @@ pub trait Store {
     fn audit_page(&self, since: u64, limit: u32) -> Fut<Vec<AuditRow>>;
     fn stats(&self) -> Fut<StoreStats>;
     /// Lets every queued write commit and complete, then stops the storage threads.
-    fn shutdown(&self);
+    fn shutdown(&self) -> Fut<()>;
 }
 
 /// The ops of `batch` that `ack` says were applied now, with their seqs.
@@ -125,7 +145,7 @@ impl SqliteStore {
     /// the writer thread once the write is durable (and may take what it needs from the value).
     fn write<T: Send + 'static>(
         &self,
-        barrier: bool,
+        priority: Priority,
         work: impl FnOnce(&Txn<'_>) -> Result<T> + Send + 'static,
         after_commit: impl FnOnce(&mut T) + Send + 'static,
     ) -> Fut<T> {
@@ -147,7 +167,11 @@ impl SqliteStore {
                 }),
             }
         };
-        let job = if barrier { WriteJob::barrier(body) } else { WriteJob::new(body) };
+        let job = match priority {
+            Priority::Normal => WriteJob::new(body),
+            Priority::Barrier => WriteJob::barrier(body),
+            Priority::Urgent => WriteJob::urgent(body),
+        };
         let submitted = self.writer.lock().unwrap_or_else(|p| p.into_inner()).submit(job);
         Box::pin(async move {
             submitted?;
@@ -163,7 +187,7 @@ impl SqliteStore {
         on_commit: Box<dyn FnOnce(u64) + Send>,
     ) -> Fut<Option<u64>> {
         self.write(
-            true,
+            Priority::Urgent,
             move |txn| {
                 let epoch = bump(txn, &id)?;
                 if epoch.is_some() {
@@ -208,9 +232,9 @@ impl Store for SqliteStore {
         })
     }
 
-    fn record_redeem(&self, hash: [u8; 32], event: AuditEvent) {
-        let _ = self.write(
-            false,
+    fn record_redeem(&self, hash: [u8; 32], event: AuditEvent) -> Fut<()> {
+        self.write(
+            Priority::Normal,
             move |txn| {
                 let now = now_ms();
                 txn.touch_token(&hash, now)?;
@@ -218,16 +242,16 @@ impl Store for SqliteStore {
                 Ok(())
             },
             |_| {},
-        );
+        )
     }
 
-    fn audit(&self, event: AuditEvent) {
-        let _ = self.write(false, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {});
+    fn audit(&self, event: AuditEvent) -> Fut<()> {
+        self.write(Priority::Normal, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {})
     }
 
     fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck> {
         let written = self.write(
-            false,
+            Priority::Normal,
             move |txn| {
                 admit()?;
                 let ack = txn.append(sid, &session_id, &batch)?;
@@ -261,7 +285,7 @@ impl Store for SqliteStore {
 
     fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()> {
         self.write(
-            false,
+            Priority::Normal,
             move |txn| {
                 admit()?;
                 txn.insert_share(&share)?;
@@ -275,7 +299,7 @@ impl Store for SqliteStore {
 
     fn create_session(&self, session_id: String, title: String, owner: TokenRow, event: AuditEvent) -> Fut<()> {
         self.write(
-            false,
+            Priority::Normal,
             move |txn| {
                 txn.create_session(&session_id, &title, owner.created_at)?;
                 txn.insert_token(&owner)?;
@@ -296,7 +320,7 @@ impl Store for SqliteStore {
 
     fn renew_admin(&self, mut token: TokenRow) -> Fut<u64> {
         self.write(
-            true,
+            Priority::Barrier,
             move |txn| {
                 let epoch = txn.renew_admin()?;
                 token.minted_epoch = epoch;
@@ -323,8 +347,19 @@ impl Store for SqliteStore {
         self.read(|reader| reader.stats())
     }
 
-    fn shutdown(&self) {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
-        self.readers.lock().unwrap_or_else(|p| p.into_inner()).take();
+    fn shutdown(&self) -> Fut<()> {
+        // Joining threads blocks: done on a thread of its own, never on the RPC thread.
+        let writer = std::mem::replace(&mut *self.writer.lock().unwrap_or_else(|p| p.into_inner()), Writer::stopped());
+        let readers = self.readers.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut writer = writer;
+                drop(readers);
+                writer.shutdown()
+            })
+            .await
+            .map_err(|_| StorageError::Stopped)??;
+            Ok(())
+        })
     }
 }

@@ -43,7 +43,17 @@ impl subscription::Server for SubscriptionImpl {
 pub fn start(access: Access, conn: Rc<Connection>, listener: listener::Client, after: u64) -> subscription::Client {
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let tasks = conn.shared.subscription_tasks.clone();
-    tasks.spawn_local(run(access, conn, listener, after, cancel_rx));
+    let membership = Membership::join(&conn, access.sid);
+    let closed = conn.closed.clone();
+    tasks.spawn_local(async move {
+        // The connection's end stops the task wherever it waits, so nothing it holds (the
+        // listener, and through it the connection's socket) outlives the connection.
+        tokio::select! {
+            _ = run(access, conn, listener, after, cancel_rx) => {}
+            _ = closed.cancelled() => debug!("subscription ended with its connection"),
+        }
+        drop(membership);
+    });
     capnp_rpc::new_client(SubscriptionImpl { cancel: RefCell::new(Some(cancel_tx)) })
 }
 
@@ -53,19 +63,27 @@ struct Membership {
     sid: i64,
 }
 
+impl Membership {
+    fn join(conn: &Rc<Connection>, sid: i64) -> Membership {
+        let shared = &conn.shared;
+        shared.subscriptions.set(shared.subscriptions.get() + 1);
+        conn.subscriptions.set(conn.subscriptions.get() + 1);
+        Membership { conn: conn.clone(), sid }
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         let shared = &self.conn.shared;
         shared.feeds.leave(self.sid);
         shared.subscriptions.set(shared.subscriptions.get().saturating_sub(1));
+        self.conn.subscriptions.set(self.conn.subscriptions.get().saturating_sub(1));
     }
 }
 
 async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, after: u64, mut cancel: oneshot::Receiver<()>) {
     let shared = conn.shared.clone();
     let feed = shared.feeds.join(access.sid);
-    shared.subscriptions.set(shared.subscriptions.get() + 1);
-    let _membership = Membership { conn: conn.clone(), sid: access.sid };
     let mut head = feed.watch_head();
     let mut revocations = shared.registry.watch_revocations();
     let mut closing = shared.closing.clone();
@@ -92,7 +110,12 @@ async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, a
         let ops: Vec<Arc<LoggedOp>> = match feed.read_after(cursor, MAX_OPS_PER_CALL, MAX_BYTES_PER_CALL) {
             Some(ops) => ops,
             None => match shared.store.changes(access.sid, cursor, MAX_OPS_PER_CALL as u32).await {
-                Ok((ops, _)) => ops.into_iter().map(Arc::new).collect(),
+                Ok((mut ops, _)) => {
+                    // The same byte cap as the feed: a run of large ops must not make one
+                    // onOps message larger than a client will read.
+                    ops.truncate(crate::session::within_bytes(ops.iter().map(|o| crate::session::op_bytes(&o.op.body)), MAX_BYTES_PER_CALL));
+                    ops.into_iter().map(Arc::new).collect()
+                }
                 Err(err) => {
                     warn!(error = %err, "a subscription could not read the op log");
                     break Some("error");

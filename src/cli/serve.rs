@@ -47,6 +47,23 @@ pub struct ServeArgs {
     /// of that minute (capsync/overloaded).
     #[arg(long, default_value_t = 20)]
     max_failed_redeems: u32,
+    /// Connections one peer address may hold open (0 = no limit; set 0 behind a load
+    /// balancer, whose address every connection shares).
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_address: usize,
+    /// Close a connection that holds no live capability after this long without a frame.
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    idle_timeout: u64,
+    /// Bytes of large requests one connection may have read and not yet had answered; past
+    /// it the server stops reading that connection until its calls are answered.
+    #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
+    max_connection_bytes: usize,
+    /// The same budget over all connections together.
+    #[arg(long, default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
+    max_server_bytes: usize,
+    /// Subscriptions one connection may hold (capsync/overloaded beyond).
+    #[arg(long, default_value_t = 64)]
+    max_subscriptions_per_connection: usize,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -60,6 +77,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     limits.max_calls_in_flight = args.max_calls_in_flight.max(1);
     limits.frame_timeout = std::time::Duration::from_secs(args.frame_timeout.max(1));
     limits.max_failed_redeems = args.max_failed_redeems.max(1);
+    limits.max_connections_per_address = args.max_connections_per_address;
+    limits.idle_timeout = std::time::Duration::from_secs(args.idle_timeout.max(1));
+    limits.max_connection_bytes_in_flight = args.max_connection_bytes.max(1);
+    limits.max_server_bytes_in_flight = args.max_server_bytes.max(1);
+    limits.max_subscriptions_per_connection = args.max_subscriptions_per_connection.max(1);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(capsync_server::tls::server_config(cert, key).map_err(|e| anyhow::anyhow!("{e}"))?);
     }
@@ -74,7 +96,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    capsync_server::serve_blocking(&args.listen, config, async {
+    // Announced on stdout once the data dir is ours and the database is open, so scripts and
+    // tests using port 0 learn the port, and "listening" means a client can redeem.
+    let announce = |addr: std::net::SocketAddr| {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "capsync listening on {addr}");
+        let _ = out.flush();
+    };
+    capsync_server::serve_blocking(&args.listen, config, announce, async {
         super::shutdown_signal().await;
         tracing::info!("shutdown signal received");
     })

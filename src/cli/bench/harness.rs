@@ -33,7 +33,7 @@ impl BenchServer {
 
     pub fn start_at(data: &Path, listen: &str) -> anyhow::Result<BenchServer> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--listen", listen, "--max-connections", "8192", "--data-dir"])
+            .args(["serve", "--listen", listen, "--max-connections", "8192", "--max-connections-per-address", "0", "--data-dir"])
             .arg(data)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
