@@ -124,3 +124,223 @@ fn a_closed_connection_releases_its_stalled_subscriptions() {
     });
     assert!(released, "the server still holds the closed connection: {:?}", server_counts(&server));
 }
+
+#[test]
+fn one_connection_pipelining_large_appends_cannot_take_the_servers_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(&dir.path().join("data"), &["--max-connection-bytes", "16777216", "--max-server-bytes", "33554432"]);
+    let (_, owner) = new_session(&server);
+    let base = rss_kib(server.pid());
+    let pid = server.pid();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    // 40 batches of 4 x ~1 MB, all sent at once: 160 MB in flight without a budget.
+    let data = format!("\"{}\"", "x".repeat(1_000_000));
+    let acked = run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let client_id = new_client_id();
+        let calls: Vec<_> = (1..=40u64)
+            .map(|seq| {
+                let ops: Vec<TestOp> = (0..4).map(|i| put(Message, &format!("m{seq}-{i}"), "", &data)).collect();
+                read_ack(append_request(&session, &client_id, seq, &ops))
+            })
+            .collect();
+        let results = futures::future::join_all(calls).await;
+        for r in results.iter().filter_map(|r| r.as_ref().err()).take(3) {
+            eprintln!("append failed: {}", r.extra);
+        }
+        results.iter().filter(|r| r.is_ok()).count()
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let grown_mib = (sampler.join().unwrap().saturating_sub(base)) / 1024;
+    if acked != 40 {
+        let log = server.log_text();
+        for line in log.lines().filter(|l| !l.contains("TRACE")).rev().take(15) {
+            eprintln!("{line}");
+        }
+    }
+    eprintln!("server RSS grew by {grown_mib} MiB");
+    assert_eq!(acked, 40, "every batch is applied, only later");
+    assert!(grown_mib < 110, "server RSS grew by {grown_mib} MiB for 160 MB of pipelined appends with a 32 MiB budget");
+}
+
+/// A raw socket from `source` (an address of 127.0.0.0/8) that sends one bootstrap frame.
+async fn quiet_bootstrapped_socket(source: &str, server: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server.parse().unwrap()).await.unwrap();
+    let mut message = capnp::message::Builder::new_default();
+    message.init_root::<capnp_rpc::rpc_capnp::message::Builder>().init_bootstrap().set_question_id(0);
+    stream.write_all(&capnp::serialize::write_message_to_words(&message)).await.unwrap();
+    stream
+}
+
+#[test]
+fn a_connection_flood_from_one_address_locks_nobody_else_out_and_quiet_sockets_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(&dir.path().join("data"), &["--max-connections", "100", "--idle-timeout", "1s"]);
+    let (_, owner) = new_session(&server);
+    run_local(async {
+        // 150 sockets from 127.0.0.2 that bootstrap and go quiet: more than the whole limit.
+        let mut flood = Vec::new();
+        for _ in 0..150 {
+            flood.push(quiet_bootstrapped_socket("127.0.0.2", &server.addr).await);
+        }
+        // A real client from 127.0.0.1 still connects and redeems.
+        let real = tokio::time::timeout(Duration::from_secs(10), async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            cursor(&conn.session(&owner).0).await
+        })
+        .await;
+        assert!(matches!(real, Ok(Ok(0))), "a legitimate client was locked out: {real:?}");
+        // Every flood socket is closed by the server: refused beyond the per-address cap, or
+        // closed after the idle timeout because it holds no capability.
+        let all_closed = tokio::time::timeout(Duration::from_secs(20), async {
+            for mut stream in flood {
+                use tokio::io::AsyncReadExt as _;
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(all_closed.is_ok(), "quiet sockets without a capability stay open");
+    });
+}
+
+#[test]
+fn a_revocation_commits_ahead_of_queued_appends_and_no_revoked_append_was_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let data = dir.path().join("data");
+    // The first append holds the writer inside its transaction until `release` exists.
+    let server = Server::start_with_env(&data, "127.0.0.1:0", &[
+        ("CAPSYNC_FAILPOINTS", "server-before-commit=1:hold"),
+        ("CAPSYNC_FAILPOINTS_RELEASE", release.to_str().unwrap()),
+    ]);
+    let (_, owner) = new_session(&server);
+    let admin = server.admin_uri();
+    let log = server.log.clone();
+    let outcomes = run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let (share_token, share_id) = mint(&session, "read,append", "writer", 0).await.unwrap();
+        let (share, grant) = conn.session(&share_token);
+        grant.await.unwrap();
+        let client_id = new_client_id();
+        let batches: Vec<Vec<TestOp>> = (1..=20).map(|b| vec![put(Message, &format!("b{b}"), "", "{}")]).collect();
+        let calls: Vec<_> = batches.iter().enumerate().map(|(i, ops)| read_ack(append_request(&share, &client_id, i as u64 + 1, ops))).collect();
+        let appends = futures::future::join_all(calls);
+        let revoke = async {
+            // Wait until the writer holds batch 1 and the others are queued behind it.
+            let waited = Instant::now();
+            while !std::fs::read_to_string(&log).unwrap_or_default().contains("failpoint server-before-commit reached") {
+                assert!(waited.elapsed() < Duration::from_secs(20), "the writer never held");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut request = admin_cap(&conn, &admin.token).revoke_share_request();
+            request.get().set_share_id(share_id.as_str());
+            let revoked = request.send().promise;
+            while !std::fs::read_to_string(&log).unwrap_or_default().contains("urgent write queued") {
+                assert!(waited.elapsed() < Duration::from_secs(20), "the revocation never reached the writer's queue");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            std::fs::write(&release, b"").unwrap();
+            revoked.await.unwrap();
+        };
+        let (outcomes, ()) = futures::join!(appends, revoke);
+        outcomes.into_iter().zip(batches).collect::<Vec<_>>()
+    });
+    let applied: std::collections::HashSet<Vec<u8>> = server_log(&server.addr, &owner).into_iter().map(|(_, id)| id).collect();
+    let mut revoked = 0;
+    for (outcome, ops) in &outcomes {
+        let was_applied = applied.contains(&ops[0].op_id);
+        match outcome {
+            Ok(_) => assert!(was_applied, "an acked batch is applied"),
+            Err(err) => {
+                assert_eq!(marker_of(err), Some(capsync_schema::Marker::Revoked), "{}", err.extra);
+                assert!(!was_applied, "a batch answered capsync/revoked was applied");
+                revoked += 1;
+            }
+        }
+    }
+    assert!(revoked >= 18, "the revocation waited behind the queued appends: only {revoked} of 20 were refused");
+}
+
+#[test]
+fn data_that_is_not_utf8_inside_a_json_string_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_, owner) = new_session(&server);
+    run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let mut op = put(Message, "bad", "", "");
+        op.data = Some(b"{\"text\":\"\xff\xfe\"}".to_vec());
+        let ack = append(&session, &new_client_id(), 1, &[op, put(Message, "good", "", "{}")]).await.unwrap();
+        assert_eq!(ack.results[0].status, capsync_schema::capsync_capnp::op_result::Status::Rejected);
+        assert!(ack.results[0].reason.contains("UTF-8"), "{}", ack.results[0].reason);
+        assert_eq!(ack.results[1].status, capsync_schema::capsync_capnp::op_result::Status::Applied);
+    });
+}
+
+#[test]
+fn database_files_are_private_even_in_a_world_readable_dir() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start(&data);
+    new_session(&server);
+    for name in ["capsync.db", "capsync.db-wal", "capsync.db-shm"] {
+        let mode = std::fs::metadata(data.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name} is {mode:o}");
+    }
+}
+
+#[test]
+fn serve_announces_listening_only_once_its_database_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("capsync.db")).unwrap(); // a directory: SQLite cannot open it
+    let out = Command::new(BIN).args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&data).stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty(), "announced before failing: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn a_mint_denied_for_a_longer_ttl_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let (short, _) = mint(&session, "read,mint", "short", 60).await.unwrap();
+        let (share, _) = conn.session(&short);
+        let denied = mint(&share, "read", "longer", 3600).await;
+        assert_eq!(denied.err().as_ref().and_then(marker_of), Some(capsync_schema::Marker::Denied));
+    });
+    let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
+    let found = eventually(Duration::from_secs(10), || {
+        db.query_row("SELECT count(*) FROM audit WHERE action = 'denied' AND detail LIKE '%outlive%'", [], |r| r.get::<_, i64>(0)).unwrap() == 1
+    });
+    assert!(found, "no audit row for the denied mint");
+}

@@ -18,7 +18,12 @@ pub const ENV: &str = "CAPSYNC_FAILPOINTS";
 enum Action {
     Abort,
     Pause,
+    /// Waits until the file named by [`RELEASE_ENV`] exists, then goes on.
+    Hold,
 }
+
+/// The file whose creation releases a `hold` failpoint.
+pub const RELEASE_ENV: &str = "CAPSYNC_FAILPOINTS_RELEASE";
 
 struct Armed {
     nth: u64,
@@ -37,6 +42,7 @@ fn armed() -> &'static HashMap<String, Armed> {
 fn parse(item: &str) -> (String, Armed) {
     let (point, action) = match item.split_once(':') {
         Some((point, "pause")) => (point, Action::Pause),
+        Some((point, "hold")) => (point, Action::Hold),
         Some((point, _)) => (point, Action::Abort),
         None => (item, Action::Abort),
     };
@@ -56,6 +62,14 @@ pub fn hit(name: &str) {
                 Action::Abort => {
                     eprintln!("failpoint {name} reached: aborting");
                     std::process::abort();
+                }
+                Action::Hold => {
+                    eprintln!("failpoint {name} reached: holding");
+                    let release = std::env::var_os(RELEASE_ENV).map(std::path::PathBuf::from);
+                    while !release.as_ref().is_some_and(|f| f.exists()) {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    eprintln!("failpoint {name} released");
                 }
                 Action::Pause => {
                     eprintln!("failpoint {name} reached: pausing");

@@ -33,6 +33,12 @@ struct Shared<W> {
     /// A failed flush, as (kind, message), for the writer's next call.
     failed: Option<(io::ErrorKind, String)>,
     flusher: Option<Waker>,
+    /// The writer's waker, left when the socket was full under a write or close. The socket
+    /// keeps one waker per direction, and the RPC system polls its write queue as a sub-task
+    /// with a waker of its own: whichever of the two halves polled last gets the socket's
+    /// wake-up, so the flusher passes it on to the writer (else the write queue would wait
+    /// forever for a wake-up the flusher took).
+    writer: Option<Waker>,
 }
 
 /// The half the RPC system writes to. See the module docs.
@@ -53,6 +59,7 @@ pub fn coalescing<W: AsyncWrite + Unpin>(writer: W, capacity: usize) -> (Coalesc
         done: false,
         failed: None,
         flusher: None,
+        writer: None,
     }));
     (CoalescingWriter { shared: shared.clone() }, Flusher { shared })
 }
@@ -76,7 +83,11 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CoalescingWriter<W> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let mut shared = self.shared.borrow_mut();
         shared.check()?;
-        Pin::new(&mut shared.buffer).poll_write(cx, buf)
+        let written = Pin::new(&mut shared.buffer).poll_write(cx, buf);
+        if written.is_pending() {
+            shared.writer = Some(cx.waker().clone());
+        }
+        written
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -91,6 +102,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CoalescingWriter<W> {
         let mut shared = self.shared.borrow_mut();
         shared.check()?;
         let closed = Pin::new(&mut shared.buffer).poll_close(cx);
+        if closed.is_pending() {
+            shared.writer = Some(cx.waker().clone());
+        }
         if closed.is_ready() {
             shared.dirty = false;
             shared.done = true;
@@ -126,6 +140,9 @@ impl<W: AsyncWrite + Unpin> Future for Flusher<W> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut shared = self.shared.borrow_mut();
+        if let Some(writer) = shared.writer.take() {
+            writer.wake();
+        }
         if shared.dirty && !shared.done {
             match Pin::new(&mut shared.buffer).poll_flush(cx) {
                 Poll::Ready(Ok(())) => shared.dirty = false,

@@ -116,10 +116,27 @@ pub struct SnapshotPage {
 
 /// Opens (creating if needed) the server database at `path` and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, StorageError> {
+    make_private(path)?;
     let mut conn = Connection::open(path)?;
     migrate::configure(&conn)?;
     schema::PLAN.apply(&mut conn)?;
     Ok(conn)
+}
+
+/// Creates the database file 0600 (or narrows an existing one, and its WAL and shared-memory
+/// files, to 0600), so it is private whatever the directory's mode. SQLite gives the WAL and
+/// shared-memory files it creates the main file's mode.
+fn make_private(path: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let io = |e: std::io::Error| StorageError::Sqlite(format!("{}: {e}", path.display()));
+    std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+    }
+    Ok(())
 }
 
 /// A read-only view for a reader thread.
