@@ -39,12 +39,20 @@ fn a_second_server_on_a_data_dir_in_use_refuses_to_start_and_leaves_admin_uri_al
     let data = dir.path().join("data");
     let first = Server::start(&data);
     let before = std::fs::read_to_string(data.join("admin.uri")).unwrap();
-    let second = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&data)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let exited = eventually(Duration::from_secs(30), || child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let second = child.wait_with_output().unwrap();
+    assert!(exited, "the second server kept running on a data dir in use");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "the second server must not start");
     assert!(String::from_utf8_lossy(&second.stdout).is_empty(), "it never announces a listening address");
@@ -244,26 +252,42 @@ fn a_revocation_commits_ahead_of_queued_appends_and_no_revoked_append_was_applie
         grant.await.unwrap();
         let client_id = new_client_id();
         let batches: Vec<Vec<TestOp>> = (1..=20).map(|b| vec![put(Message, &format!("b{b}"), "", "{}")]).collect();
-        let calls: Vec<_> = batches.iter().enumerate().map(|(i, ops)| read_ack(append_request(&share, &client_id, i as u64 + 1, ops))).collect();
+        let log_has = |text: &str| std::fs::read_to_string(&log).unwrap_or_default().contains(text);
+        let waited = Instant::now();
+        let wait_for = |text: &'static str| {
+            let log_has = &log_has;
+            async move {
+                while !log_has(text) {
+                    assert!(waited.elapsed() < Duration::from_secs(30), "never logged: {text}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        // Batch 1 first: the writer holds it, alone in its group.
+        let first = read_ack(append_request(&share, &client_id, 1, &batches[0]));
+        let first = async move { first.await };
+        let first = tokio::task::spawn_local(first);
+        wait_for("failpoint server-before-commit reached").await;
+        // Batches 2..=20 queue up behind it.
+        let calls: Vec<_> = batches[1..].iter().enumerate().map(|(i, ops)| read_ack(append_request(&share, &client_id, i as u64 + 2, ops))).collect();
         let appends = futures::future::join_all(calls);
         let revoke = async {
-            // Wait until the writer holds batch 1 and the others are queued behind it.
-            let waited = Instant::now();
-            while !std::fs::read_to_string(&log).unwrap_or_default().contains("failpoint server-before-commit reached") {
-                assert!(waited.elapsed() < Duration::from_secs(20), "the writer never held");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_for("write queued barrier=false urgent=false waiting=19").await;
+            let barriers = || std::fs::read_to_string(&log).unwrap_or_default().matches("write queued barrier=true").count();
+            let before = barriers();
             let mut request = admin_cap(&conn, &admin.token).revoke_share_request();
             request.get().set_share_id(share_id.as_str());
             let revoked = request.send().promise;
-            while !std::fs::read_to_string(&log).unwrap_or_default().contains("urgent write queued") {
-                assert!(waited.elapsed() < Duration::from_secs(20), "the revocation never reached the writer's queue");
+            while barriers() == before {
+                assert!(waited.elapsed() < Duration::from_secs(30), "the revocation never reached the writer");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             std::fs::write(&release, b"").unwrap();
             revoked.await.unwrap();
         };
-        let (outcomes, ()) = futures::join!(appends, revoke);
+        let (rest, ()) = futures::join!(appends, revoke);
+        let mut outcomes = vec![first.await.unwrap()];
+        outcomes.extend(rest);
         outcomes.into_iter().zip(batches).collect::<Vec<_>>()
     });
     let applied: std::collections::HashSet<Vec<u8>> = server_log(&server.addr, &owner).into_iter().map(|(_, id)| id).collect();

@@ -167,12 +167,13 @@ impl Writer {
         if queues.closed {
             return Err(StorageError::Stopped);
         }
-        if job.urgent {
-            tracing::trace!(queued = queues.normal.len(), "urgent write queued ahead of the others");
+        let (barrier, urgent) = (job.barrier, job.urgent);
+        if urgent {
             queues.urgent.push_back(job);
         } else {
             queues.normal.push_back(job);
         }
+        tracing::trace!(barrier, urgent, waiting = queues.normal.len(), "write queued");
         drop(queues);
         self.queue.ready.notify_one();
         Ok(())
