@@ -7,9 +7,15 @@
 //! is stuck at exactly that line (and then `kill -9` the process). Each hit that acts first
 //! writes `failpoint <name> reached: aborting|pausing` to stderr. Unset, a hit costs one
 //! atomic load.
+//!
+//! Compiled in only with the `failpoints` cargo feature (the test builds turn it on); without
+//! it [`hit`] is an empty function and `CAPSYNC_FAILPOINTS` means nothing, so a release binary
+//! cannot be made to abort or hang by its environment.
+
+#![cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 
 pub const ENV: &str = "CAPSYNC_FAILPOINTS";
@@ -51,13 +57,18 @@ fn parse(item: &str) -> (String, Armed) {
 }
 
 /// Aborts the process (or parks this thread) if `name` is armed and this is its configured hit.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     let armed = armed();
     if armed.is_empty() {
         return;
     }
     if let Some(point) = armed.get(name) {
-        if point.hits.fetch_add(1, Ordering::SeqCst) + 1 == point.nth {
+        if point.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == point.nth {
             match point.action {
                 Action::Abort => {
                     eprintln!("failpoint {name} reached: aborting");
@@ -85,6 +96,16 @@ pub fn hit(name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs in `cargo test -p capsync-persistence` (no feature; `.ci/run` runs it): an armed
+    /// crash point in a build without the feature must do nothing.
+    #[cfg(not(feature = "failpoints"))]
+    #[test]
+    fn without_the_feature_an_armed_failpoint_does_nothing() {
+        std::env::set_var(ENV, "armed-but-not-compiled=1");
+        hit("armed-but-not-compiled");
+        assert!(armed().contains_key("armed-but-not-compiled"), "the spec parses; only hit() is inert");
+    }
 
     #[test]
     fn specs_parse_into_name_hit_and_action() {
