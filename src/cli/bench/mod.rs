@@ -121,6 +121,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     scenario!("s5", scenarios::s5(&ctx));
     scenario!("s6", scenarios::s6(&ctx));
     scenario!("s7", scenarios::s7(&ctx));
+    scenario!("s7w", scenarios::s7w(&ctx));
     scenario!("s8", scenarios::s8(&ctx));
     if let Some(reason) = ctx.redis_error.borrow().as_ref() {
         figures.insert("redis_unavailable".into(), Value::String(reason.clone()));

@@ -1,4 +1,5 @@
-//! The scenarios of `capsync bench` (S1–S8), each with its baseline.
+//! The scenarios of `capsync bench` (S1–S8, and S7W: S7 under a write flood), each with its
+//! baseline.
 
 use super::harness::{self, ms, median, quantile, BenchServer, DelayProxy};
 use super::{Ctx, Row};
@@ -340,6 +341,100 @@ pub async fn s7(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     });
     let mut row = Row::ratio("S7 revoke: 1,000 live caps on 100 conns vs call + same probe again", ms(elapsed), Some(ms(revoked_in + probe_floor)), "ms", "<= 10 ms", 0.0);
     row.met = Some(ms(elapsed) <= 10.0);
+    Ok((figures, vec![row]))
+}
+
+/// Sends batch `seq` of `n` puts and waits for its ack.
+async fn append_many(session: &session::Client, client: &[u8; 16], seq: u64, n: u32) -> anyhow::Result<()> {
+    let mut request = session.append_request();
+    let mut batch = request.get().init_batch();
+    batch.set_client_id(client);
+    batch.set_batch_seq(seq);
+    let mut ops = batch.init_ops(n);
+    for i in 0..n {
+        let mut op = ops.reborrow().get(i);
+        op.set_op_id(uuid::Uuid::now_v7().as_bytes());
+        let mut entity = op.init_put();
+        entity.set_kind(capsync_schema::capsync_capnp::EntityKind::Message);
+        entity.set_id(format!("m{seq}-{i}").as_str());
+        entity.set_data(&harness::payload(seq));
+    }
+    request.send().promise.await?;
+    Ok(())
+}
+
+/// S7 while 16 connections keep the writer's queue full (8 batches of 200 ops in flight each):
+/// a revocation is taken ahead of every queued append, so its call should cost about one
+/// group commit, not the whole queue. Reported against the latency of an append in that load.
+pub async fn s7w(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
+    let server = BenchServer::start(&ctx.dir.join("s7w"))?;
+    let (_, owner) = server.session().await?;
+    let setup = Connection::open(&server.addr).await?;
+    let (session, _) = setup.session(&owner);
+    let share = mint(&session, "share").await?;
+    let (parent, _) = setup.session(&share.0);
+    let mut caps = Vec::new();
+    let mut conns = Vec::new();
+    for i in 0..10 {
+        let child = mint(&parent, &format!("child{i}")).await?.0;
+        let conn = Connection::open(&server.addr).await?;
+        for _ in 0..10 {
+            let (cap, grant) = conn.session(&child);
+            grant.await?;
+            caps.push(cap);
+        }
+        conns.push(conn);
+    }
+    let stop = Rc::new(std::cell::Cell::new(false));
+    let latencies = Rc::new(RefCell::new(Vec::new()));
+    let mut writers = Vec::new();
+    for _ in 0..16 {
+        let (_, token) = server.session().await?;
+        let conn = Connection::open(&server.addr).await?;
+        let (stop, latencies) = (stop.clone(), latencies.clone());
+        writers.push(tokio::task::spawn_local(async move {
+            let (cap, _) = conn.session(&token);
+            let client = *uuid::Uuid::new_v4().as_bytes();
+            let mut seq = 0;
+            while !stop.get() {
+                let started = Instant::now();
+                let round: Vec<_> = (1..=8).map(|i| append_many(&cap, &client, seq + i, 200)).collect();
+                seq += 8;
+                for result in futures::future::join_all(round).await {
+                    result?;
+                }
+                latencies.borrow_mut().push(started.elapsed());
+            }
+            anyhow::Ok(())
+        }));
+    }
+    // Let the flood fill the queue before the revocation.
+    tokio::time::sleep(Duration::from_millis(if ctx.quick { 300 } else { 1000 })).await;
+    let (admin, _) = setup.admin(&server.admin.token);
+    let started = Instant::now();
+    let mut request = admin.revoke_share_request();
+    request.get().set_share_id(share.1.as_str());
+    request.send().promise.await?;
+    let revoked_in = started.elapsed();
+    let results = futures::future::join_all(caps.iter().map(|cap| cap.info_request().send().promise)).await;
+    let elapsed = started.elapsed();
+    stop.set(true);
+    for writer in writers {
+        writer.await??;
+    }
+    let is_revoked = |r: &Result<_, capnp::Error>| matches!(r, Err(e) if capsync_schema::marker::of_error(e) == Some(Marker::Revoked));
+    anyhow::ensure!(results.iter().all(is_revoked), "s7w: a revoked capability answered");
+    let mut rounds = latencies.borrow().clone();
+    rounds.sort();
+    let append_p50 = ms(quantile(&rounds, 0.5));
+    let figures = json!({
+        "capabilities": caps.len(),
+        "writers": 16, "batches_in_flight_per_writer": 8, "ops_per_batch": 200,
+        "revoke_call_ms": ms(revoked_in),
+        "revoke_to_last_failure_ms": ms(elapsed),
+        "append_round_p50_ms": append_p50,
+    });
+    let row = Row::ratio("S7W revoke call under a write flood vs one append round in it", ms(revoked_in), Some(append_p50), "ms", "< 1.0x", 0.0);
     Ok((figures, vec![row]))
 }
 
