@@ -368,3 +368,63 @@ fn a_mint_denied_for_a_longer_ttl_is_audited() {
     });
     assert!(found, "no audit row for the denied mint");
 }
+
+/// A listener that records every op it is given.
+struct Collect(Rc<std::cell::RefCell<Vec<u64>>>);
+
+impl listener::Server for Collect {
+    async fn on_ops(self: Rc<Self>, params: listener::OnOpsParams) -> Result<(), capnp::Error> {
+        for op in params.get()?.get_ops()?.iter() {
+            self.0.borrow_mut().push(op.get_seq());
+        }
+        Ok(())
+    }
+    async fn on_end(self: Rc<Self>, _: listener::OnEndParams, _: listener::OnEndResults) -> Result<(), capnp::Error> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_catch_up_from_the_op_log_is_cut_to_what_a_client_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    // 1,000 ops of 80 KB: 80 MB, more than a client reads in one message (64 MiB).
+    let blob = format!("\"{}\"", "c".repeat(80_000));
+    run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let client_id = new_client_id();
+        for seq in 1..=10u64 {
+            let ops: Vec<TestOp> = (0..100).map(|i| put(Message, &format!("m{seq}-{i}"), "", &blob)).collect();
+            append(&session, &client_id, seq, &ops).await.unwrap();
+        }
+    });
+    // A restart empties the in-memory feed: the subscription catches up from the op log.
+    let addr = server.addr.clone();
+    server.stop();
+    let server = Server::start_at(&data, &addr);
+    let seen = Rc::new(std::cell::RefCell::new(Vec::new()));
+    let complete = run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let mut request = session.subscribe_request();
+        request.get().set_after(0);
+        request.get().set_listener(capnp_rpc::new_client(Collect(seen.clone())));
+        let _subscription = request.send().promise.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while seen.borrow().len() < 1000 {
+                tokio::select! {
+                    _ = conn.closed() => return false,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    });
+    assert!(complete, "the follower got {} of 1000 ops before its connection dropped or time ran out", seen.borrow().len());
+    assert_eq!(*seen.borrow(), (1..=1000).collect::<Vec<u64>>());
+}

@@ -104,3 +104,29 @@ fn serve_refuses_plain_tcp_beyond_loopback_unless_told() {
     let server = Server::start_with_args(&dir.path().join("data"), &["--insecure-plaintext"]);
     let _ = server;
 }
+
+/// The warning about clear-text tokens is for plain TCP on every interface, never for TLS.
+#[test]
+fn only_plain_tcp_on_every_interface_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = make_pki(dir.path(), "localhost");
+    for (name, extra) in [("tls", vec!["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]), ("plain", vec!["--insecure-plaintext"])] {
+        let data = dir.path().join(name);
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+            .arg(&data)
+            .args(&extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        assert!(line.starts_with("capsync listening on 0.0.0.0:"), "{line}");
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let warned = String::from_utf8_lossy(&out.stderr).contains("without TLS");
+        assert_eq!(warned, name == "plain", "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
