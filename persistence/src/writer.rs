@@ -91,6 +91,18 @@ impl Queue {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn urgent_waiting(&self) -> bool {
+        !self.lock().urgent.is_empty()
+    }
+
+    /// Puts `jobs` back at the head of the normal queue, keeping their order.
+    fn requeue_front(&self, jobs: Vec<WriteJob>) {
+        let mut queues = self.lock();
+        for job in jobs.into_iter().rev() {
+            queues.normal.push_front(job);
+        }
+    }
+
     /// The next group to run: one urgent job alone, or normal jobs up to a barrier (a barrier
     /// starts its own group so that everything before it is committed and completed first).
     /// `None` once closed and drained.
@@ -137,7 +149,7 @@ impl Writer {
             .name(format!("{name}-writer"))
             .spawn(move || {
                 while let Some(group) = jobs.next_group() {
-                    let run = std::panic::AssertUnwindSafe(|| run_group(&mut conn, group));
+                    let run = std::panic::AssertUnwindSafe(|| run_group(&mut conn, group, &jobs));
                     if std::panic::catch_unwind(run).is_err() {
                         // A bug, not a storage failure: stop rather than write on after it.
                         // Dropping the queued jobs fails their futures with `Stopped`.
@@ -204,7 +216,7 @@ impl Drop for Writer {
     }
 }
 
-fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
+fn run_group(conn: &mut Connection, group: Vec<WriteJob>, queue: &Queue) {
     let mut completions = Vec::with_capacity(group.len());
     let committed = (|| -> Result<(), StorageError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -213,7 +225,16 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>) {
         let mut keep_any = false;
         {
             let typed = Txn { conn: &tx };
-            for job in group {
+            let mut jobs = group.into_iter();
+            while let Some(job) = jobs.next() {
+                if !completions.is_empty() && queue.urgent_waiting() {
+                    // A revocation arrived: commit what ran, let it go next, and put the rest
+                    // of this group back at the head of the queue, in order.
+                    let mut rest = vec![job];
+                    rest.extend(jobs.by_ref());
+                    queue.requeue_front(rest);
+                    break;
+                }
                 if !alone {
                     tx.prepare_cached("SAVEPOINT job")?.execute([])?;
                 }
@@ -290,6 +311,43 @@ mod tests {
         hold_tx.send(()).unwrap();
         writer.shutdown().unwrap();
         assert_eq!(*log.lock().unwrap(), ["revoke", "a1", "a2", "a3"]);
+    }
+
+    #[test]
+    fn an_urgent_job_cuts_the_group_in_progress_short_and_the_rest_keeps_its_order() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut writer = Writer::start("test", Connection::open_in_memory().unwrap());
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let hold_rx = Mutex::new(hold_rx);
+        let queue = writer.queue.clone();
+        // Hold the writer so the next jobs form one group, then let it start that group.
+        writer
+            .submit(WriteJob::new(move |_| {
+                let _ = hold_rx.lock().unwrap().recv();
+                JobOutcome { keep: true, completion: Box::new(|_| {}) }
+            }))
+            .unwrap();
+        let first = log.clone();
+        writer
+            .submit(WriteJob::new(move |_| {
+                first.lock().unwrap().push("g1");
+                started_tx.send(()).unwrap();
+                // The revocation arrives while this group runs.
+                while queue.lock().urgent.is_empty() {
+                    std::thread::yield_now();
+                }
+                JobOutcome { keep: true, completion: Box::new(|_| {}) }
+            }))
+            .unwrap();
+        for name in ["g2", "g3"] {
+            writer.submit(job(&log, name, false)).unwrap();
+        }
+        hold_tx.send(()).unwrap();
+        started_rx.recv().unwrap();
+        writer.submit(job(&log, "revoke", true)).unwrap();
+        writer.shutdown().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["g1", "revoke", "g2", "g3"]);
     }
 
     #[test]
