@@ -428,3 +428,16 @@ fn a_catch_up_from_the_op_log_is_cut_to_what_a_client_reads() {
     assert!(complete, "the follower got {} of 1000 ops before its connection dropped or time ran out", seen.borrow().len());
     assert_eq!(*seen.borrow(), (1..=1000).collect::<Vec<u64>>());
 }
+
+#[test]
+fn an_owner_uri_passed_as_the_admin_uri_is_named_for_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _server = Server::start(&data);
+    let (ok, owner_uri, stderr) = cli(&["admin", "--admin-file", data.join("admin.uri").to_str().unwrap(), "create-session"]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = cli(&["admin", "--admin", owner_uri.trim(), "stats"]);
+    assert!(!ok && stdout.is_empty());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("not an admin URI") && stderr.contains("session"), "{stderr}");
+}

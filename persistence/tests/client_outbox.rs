@@ -143,3 +143,18 @@ fn each_op_gets_its_own_outcome_and_ack_seq() {
     let other = db.op_state(&op(100, 10).op_id).unwrap().unwrap();
     assert_eq!((other.0.as_str(), other.1), ("pending", 0), "another ref's op is left alone");
 }
+
+/// A client id that is not 16 bytes is an error naming the problem, never sixteen zero bytes
+/// (which every corrupt ref would then share, mixing their batchSeqs on the server).
+#[test]
+fn a_corrupt_client_id_is_an_error_not_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    drop(open(&dir, "outbox.db"));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("UPDATE refs SET client_id = x'0102' WHERE name = 's'", []).unwrap();
+    drop(raw);
+    let db = ClientDb::open(&path).unwrap();
+    let err = db.ref_row("s").expect_err("a 2-byte client id must not load");
+    assert!(err.to_string().contains("not 16"), "{err}");
+}

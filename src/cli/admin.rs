@@ -69,8 +69,20 @@ pub fn load_admin_uri(admin: &AdminRef) -> anyhow::Result<SturdyUri> {
 pub async fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let uri = load_admin_uri(&args.admin)?;
     let conn = Connection::connect(&uri, args.admin.tls.tls_ca.as_deref()).await?;
-    let (admin, _grant) = conn.admin(&uri.token);
-    let outcome = command(&admin, &uri, args.command).await;
+    let (admin, grant) = conn.admin(&uri.token);
+    let mut outcome = command(&admin, &uri, args.command).await;
+    if outcome.is_err() {
+        // A session or share URI redeems fine but holds no admin object: say so, rather than
+        // the bare RPC error a call on the missing capability gives.
+        if let Ok(info) = grant.await {
+            if info.kind != "admin" {
+                outcome = Err(anyhow::anyhow!(
+                    "this is not an admin URI: it grants a {}; use the server's admin URI (<data-dir>/admin.uri)",
+                    info.kind
+                ));
+            }
+        }
+    }
     conn.close().await;
     outcome.map(|()| ExitCode::SUCCESS)
 }

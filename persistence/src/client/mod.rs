@@ -147,7 +147,15 @@ impl ClientDb {
             Ok(RefRow {
                 name: r.get(0)?,
                 uri: r.get(1)?,
-                client_id: client_id.try_into().unwrap_or([0; 16]),
+                // A corrupt id must not silently become another client's (all zeroes would
+                // be one id shared by every corrupt ref): the ref is unusable until re-attached.
+                client_id: client_id.try_into().map_err(|bad: Vec<u8>| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2,
+                        rusqlite::types::Type::Blob,
+                        format!("the ref's client id is {} bytes, not 16: the outbox is corrupt; re-attach the ref", bad.len()).into(),
+                    )
+                })?,
                 session_id: r.get(3)?,
                 state: r.get(4)?,
                 last_error: r.get(5)?,
