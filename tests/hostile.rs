@@ -441,3 +441,34 @@ fn an_owner_uri_passed_as_the_admin_uri_is_named_for_what_it_is() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("not an admin URI") && stderr.contains("session"), "{stderr}");
 }
+
+#[test]
+fn push_refuses_an_over_long_line_with_its_number_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = capsync_schema::SturdyUri::new("127.0.0.1:1".to_string(), capsync_schema::Token::generate()).expose();
+    let long = dir.path().join("long.jsonl");
+    let mut text = String::from("{\"op\":\"delete\",\"kind\":\"message\",\"id\":\"m1\"}\n");
+    text.push_str(&format!("{{\"op\":\"put\",\"kind\":\"message\",\"id\":\"m2\",\"data\":\"{}\"}}\n", "x".repeat(5_000_000)));
+    std::fs::write(&long, text).unwrap();
+    for (file, line) in [(long.as_path(), "line 2"), (std::path::Path::new("/dev/zero"), "line 1")] {
+        let mut child = Command::new(BIN)
+            .args(["push", &uri, "--file"])
+            .arg(file)
+            .arg("--outbox")
+            .arg(dir.path().join("outbox.db"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exited = eventually(Duration::from_secs(30), || child.try_wait().unwrap().is_some());
+        if !exited {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(exited, "push kept reading {}", file.display());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(line) && stderr.contains("longer than"), "{stderr}");
+    }
+}

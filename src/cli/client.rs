@@ -73,7 +73,7 @@ pub struct DeleteArgs {
 pub struct PushArgs {
     uri: String,
     /// JSON Lines: {"op":"put","kind":"part","id":"p1","parent":"m1","data":{...}} or
-    /// {"op":"delete","kind":"message","id":"m1"}.
+    /// {"op":"delete","kind":"message","id":"m1"}. Lines longer than 4 MiB are refused.
     #[arg(long, value_name = "PATH")]
     file: PathBuf,
     #[command(flatten)]
@@ -158,10 +158,36 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads every line first: one bad line and nothing from the file is queued.
+/// Longest line `push` reads: a 1 MiB `data` (the server's limit) with room for its JSON
+/// escaping and the envelope. A longer line stops the read (never loaded whole).
+pub const MAX_JSONL_LINE: usize = 4 * 1024 * 1024;
+
+/// Reads every line first: one bad line and nothing from the file is queued. Each line is read
+/// through a bounded reader, so a file with no line breaks (`/dev/zero`) costs at most one
+/// line's worth of memory before it is refused.
 fn read_jsonl(path: &PathBuf) -> anyhow::Result<Vec<Change>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    capsync_client::jsonl::parse(&text).map_err(|(line, err)| anyhow::anyhow!("{}: line {line}: {err}", path.display()))
+    use std::io::{BufRead as _, Read as _};
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut changes = Vec::new();
+    let mut buf = Vec::new();
+    for number in 1.. {
+        buf.clear();
+        let read = (&mut reader).take(MAX_JSONL_LINE as u64 + 1).read_until(b'\n', &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if buf.last() != Some(&b'\n') && buf.len() > MAX_JSONL_LINE {
+            anyhow::bail!("{}: line {number} is longer than {MAX_JSONL_LINE} bytes", path.display());
+        }
+        let line = std::str::from_utf8(&buf).map_err(|_| anyhow::anyhow!("{}: line {number} is not UTF-8", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let change = capsync_client::jsonl::parse_line(line.trim_end_matches(['\n', '\r'])).map_err(|err| anyhow::anyhow!("{}: line {number}: {err}", path.display()))?;
+        changes.push(change);
+    }
+    Ok(changes)
 }
 
 pub async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
