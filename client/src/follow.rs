@@ -18,11 +18,13 @@ use capsync_schema::SturdyUri;
 use std::future::Future;
 use std::rc::Rc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 enum Event {
-    Ops(Vec<LoggedOp>),
+    /// A run of ops; `done` is answered once they are in the replica and handed to the
+    /// application, and only then does `onOps` return to the server.
+    Ops(Vec<LoggedOp>, oneshot::Sender<()>),
     End(String),
 }
 
@@ -33,7 +35,10 @@ struct ListenerImpl {
 impl listener::Server for ListenerImpl {
     async fn on_ops(self: Rc<Self>, params: listener::OnOpsParams) -> Result<(), capnp::Error> {
         let ops = params.get()?.get_ops()?.iter().map(wire::read_applied_op).collect::<capnp::Result<Vec<_>>>()?;
-        self.events.send(Event::Ops(ops)).await.map_err(|_| capnp::Error::failed("the follower stopped".into()))
+        let stopped = || capnp::Error::failed("the follower stopped".into());
+        let (done, written) = oneshot::channel();
+        self.events.send(Event::Ops(ops, done)).await.map_err(|_| stopped())?;
+        written.await.map_err(|_| stopped())
     }
 
     async fn on_end(self: Rc<Self>, params: listener::OnEndParams, _: listener::OnEndResults) -> Result<(), capnp::Error> {
@@ -46,6 +51,9 @@ impl listener::Server for ListenerImpl {
 enum Round {
     /// The server ended the subscription with this reason.
     Ended(String),
+    /// The stream skipped ops after this cursor: resubscribe from it (a server never does
+    /// this, but a follower must not give up, nor apply past a hole, if one does).
+    Gap { cursor: u64, got: u64 },
 }
 
 /// Follows `name` until `stop` completes or the server refuses the ref for good.
@@ -72,6 +80,9 @@ pub async fn follow(
                 return Err(ClientError::RefStopped { name: name.to_owned(), state: reason, reason: detail });
             }
             Ok(Round::Ended(reason)) => debug!(ref_name = name, reason, "subscription ended; resubscribing"),
+            Ok(Round::Gap { cursor, got }) => {
+                warn!(ref_name = name, expected = cursor + 1, got, "a gap in the stream; resubscribing from the replica's cursor")
+            }
             Err(err) if err.is_retryable() => debug!(ref_name = name, error = %err, "follow interrupted; resubscribing"),
             Err(err) => {
                 if let Some(state) = err.marker().and_then(crate::sync::terminal_state) {
@@ -121,18 +132,22 @@ async fn round(
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(Event::Ops(ops)) => {
+                Some(Event::Ops(ops, done)) => {
                     let fresh: Vec<LoggedOp> = ops.into_iter().filter(|o| o.seq > cursor).collect();
-                    let Some(first) = fresh.first() else { continue };
-                    if first.seq != cursor + 1 {
-                        warn!(ref_name = name, expected = cursor + 1, got = first.seq, "a gap in the stream; resubscribing");
-                        return Err(ClientError::Invalid("the subscription skipped ops".into()));
+                    let Some(first) = fresh.first() else {
+                        let _ = done.send(());
+                        continue;
+                    };
+                    if !contiguous(cursor, &fresh) {
+                        // Dropping `done` fails this onOps, so the server stops streaming too.
+                        return Ok(Round::Gap { cursor, got: first.seq });
                     }
                     let n = name.to_owned();
                     let applied = fresh.clone();
                     cursor = db.call(move |db| db.apply_changes(&n, &applied)).await?;
                     *failures = 0;
                     on_ops(&fresh);
+                    let _ = done.send(());
                 }
                 Some(Event::End(reason)) => return Ok(Round::Ended(reason)),
                 // The RPC system dropped our listener: the connection is gone.
@@ -141,4 +156,9 @@ async fn round(
             _ = conn.closed() => return Err(ClientError::Rpc(capnp::Error::disconnected("the connection closed".into()))),
         }
     }
+}
+
+/// Whether `ops` continue the replica at `cursor` with no hole: cursor+1, cursor+2, ...
+fn contiguous(cursor: u64, ops: &[LoggedOp]) -> bool {
+    ops.iter().zip(cursor + 1..).all(|(op, expected)| op.seq == expected)
 }

@@ -19,20 +19,32 @@ pub enum LineError {
     Op(String),
 }
 
+/// One line as written. `data` stays the text it was given, never parsed into a value and
+/// printed again: a parser would refuse JSON nested deeper than its recursion limit and
+/// rewrite numbers and spacing, and the server stores data as the client sent it.
+#[derive(serde::Deserialize)]
+struct Line<'a> {
+    #[serde(borrow)]
+    op: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    id: Option<String>,
+    parent: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Parses one line.
 pub fn parse_line(line: &str) -> Result<Change, LineError> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| LineError::NotJson(e.to_string()))?;
-    let field = |name: &'static str| value.get(name).and_then(|v| v.as_str()).ok_or(LineError::Missing(name));
-    let op = field("op")?;
-    let kind_name = field("kind")?;
-    let kind = EntityKind::from_name(kind_name).ok_or_else(|| LineError::Kind(kind_name.to_owned()))?;
-    let id = field("id")?.to_owned();
-    match op {
+    let value: Line<'_> = serde_json::from_str(line).map_err(|e| LineError::NotJson(e.to_string()))?;
+    let op = value.op.ok_or(LineError::Missing("op"))?;
+    let kind_name = value.kind.ok_or(LineError::Missing("kind"))?;
+    let kind = EntityKind::from_name(&kind_name).ok_or_else(|| LineError::Kind(kind_name.clone().into_owned()))?;
+    let id = value.id.ok_or(LineError::Missing("id"))?;
+    match op.as_ref() {
         "put" => {
-            let data = value.get("data").ok_or(LineError::Missing("data"))?;
-            let parent = value.get("parent").and_then(|v| v.as_str()).unwrap_or("").to_owned();
-            let data = serde_json::to_vec(data).map_err(|e| LineError::NotJson(e.to_string()))?;
-            Ok(Change::Put { kind, id, parent, data })
+            let data = value.data.ok_or(LineError::Missing("data"))?;
+            Ok(Change::Put { kind, id, parent: value.parent.unwrap_or_default(), data: data.get().as_bytes().to_vec() })
         }
         "delete" => Ok(Change::Delete { kind, id }),
         other => Err(LineError::Op(other.to_owned())),
@@ -66,5 +78,9 @@ mod tests {
         assert_eq!(parse(&bad).unwrap_err(), (4, LineError::Kind("blob".into())));
         assert_eq!(parse_line("{\"op\":\"put\",\"kind\":\"message\",\"id\":\"x\"}"), Err(LineError::Missing("data")));
         assert!(matches!(parse_line("{"), Err(LineError::NotJson(_))));
+        // Data is kept as written, at any depth: no parser's recursion limit, no reformatting.
+        let deep = format!("{}1.50{}", "[".repeat(300), "]".repeat(300));
+        let line = format!("{{\"op\":\"put\",\"kind\":\"message\",\"id\":\"d\",\"data\":{deep}}}");
+        assert!(matches!(parse_line(&line), Ok(Change::Put { data, .. }) if data == deep.as_bytes()));
     }
 }

@@ -59,7 +59,7 @@ enum AdminCommand {
 
 pub fn load_admin_uri(admin: &AdminRef) -> anyhow::Result<SturdyUri> {
     let text = match &admin.admin {
-        Some(uri) => uri.clone(),
+        Some(uri) => return Ok(uri.clone()),
         None => std::fs::read_to_string(&admin.admin_file)
             .with_context(|| format!("cannot read the admin URI from {}", admin.admin_file.display()))?,
     };

@@ -5,6 +5,7 @@ use capsync_client::{Change, Client, RefStatus};
 use capsync_persistence::EntityKind;
 use capsync_schema::SturdyUri;
 use clap::Args;
+use super::render;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,7 +44,8 @@ impl OutboxArg {
 #[derive(Args, Debug)]
 pub struct PutArgs {
     /// Sturdy URI of the session or share to write to.
-    uri: String,
+    #[arg(value_parser = super::UriParser)]
+    uri: SturdyUri,
     #[arg(long, value_parser = parse_kind)]
     kind: EntityKind,
     #[arg(long)]
@@ -60,7 +62,8 @@ pub struct PutArgs {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    uri: String,
+    #[arg(value_parser = super::UriParser)]
+    uri: SturdyUri,
     #[arg(long, value_parser = parse_kind)]
     kind: EntityKind,
     #[arg(long)]
@@ -71,7 +74,8 @@ pub struct DeleteArgs {
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
-    uri: String,
+    #[arg(value_parser = super::UriParser)]
+    uri: SturdyUri,
     /// JSON Lines: {"op":"put","kind":"part","id":"p1","parent":"m1","data":{...}} or
     /// {"op":"delete","kind":"message","id":"m1"}. Lines longer than 4 MiB are refused.
     #[arg(long, value_name = "PATH")]
@@ -91,7 +95,8 @@ pub struct SyncArgs {
 
 #[derive(Args, Debug)]
 pub struct PullArgs {
-    uri: String,
+    #[arg(value_parser = super::UriParser)]
+    uri: SturdyUri,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -100,7 +105,8 @@ pub struct PullArgs {
 
 #[derive(Args, Debug)]
 pub struct TailArgs {
-    uri: String,
+    #[arg(value_parser = super::UriParser)]
+    uri: SturdyUri,
     /// One JSON object per op: {"seq", "op", "kind", "id", "parent", "data"}.
     #[arg(long)]
     json: bool,
@@ -121,10 +127,9 @@ fn parse_kind(text: &str) -> Result<EntityKind, String> {
 }
 
 /// Attaches `uri` under its default name and returns that name.
-fn attach(client: &Client, uri: &str) -> anyhow::Result<String> {
-    let parsed = SturdyUri::parse(uri).context("the URI")?;
-    let name = Client::default_ref_name(&parsed);
-    client.attach(&name, uri)?;
+fn attach(client: &Client, uri: &SturdyUri) -> anyhow::Result<String> {
+    let name = Client::default_ref_name(uri);
+    client.attach(&name, &uri.expose())?;
     Ok(name)
 }
 
@@ -278,19 +283,21 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let name = attach(&client, &args.uri)?;
     let report = client.pull(&name).await?;
     let (cursor, entities) = client.replica(&name)?;
-    if args.json {
-        let entities: Vec<_> = entities
-            .iter()
-            .map(|e| {
-                let data: serde_json::Value = serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null);
-                json!({"kind": e.kind.name(), "id": e.id, "parent": e.parent_id, "data": data})
-            })
-            .collect();
-        println!("{}", json!({"cursor": cursor, "entities": entities}));
+    let text = if args.json {
+        render::to_json(&render::Replica { cursor, entities: entities.iter().map(render::EntityLine::of).collect() })
     } else {
-        println!("{} entities at cursor {} ({} ops applied)", entities.len(), report.cursor, report.ops_applied);
-    }
+        format!("{} entities at cursor {} ({} ops applied)", entities.len(), report.cursor, report.ops_applied)
+    };
+    write_stdout(&text)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes one line to stdout; a closed pipe (`capsync pull --json | head -c 1`) is an error to
+/// report, not a panic as `println!` would make it.
+fn write_stdout(line: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).context("writing to stdout")
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -330,36 +337,31 @@ fn status_json(s: &RefStatus) -> serde_json::Value {
     })
 }
 
-/// Prints ops as they are applied, following across disconnects and server restarts.
+/// Prints ops as they are applied, following across disconnects and server restarts. Stops
+/// (exit 0) once stdout is closed, so `capsync tail | head` ends when `head` does.
 pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     use std::io::Write as _;
     let client = args.outbox.open()?;
     let name = attach(&client, &args.uri)?;
     let json = args.json;
-    let print = move |ops: &[capsync_persistence::LoggedOp]| {
-        let mut out = std::io::stdout().lock();
-        for logged in ops {
-            let line = match &logged.op.body {
-                capsync_persistence::OpBody::Put(e) => {
-                    let data: serde_json::Value = serde_json::from_slice(&e.data).unwrap_or(serde_json::Value::Null);
-                    if json {
-                        json!({"seq": logged.seq, "op": "put", "kind": e.kind.name(), "id": e.id, "parent": e.parent_id, "data": data}).to_string()
-                    } else {
-                        format!("{:>8}  put     {:<8} {}  {}", logged.seq, e.kind.name(), e.id, data)
-                    }
-                }
-                capsync_persistence::OpBody::Delete { kind, id } => {
-                    if json {
-                        json!({"seq": logged.seq, "op": "delete", "kind": kind.name(), "id": id}).to_string()
-                    } else {
-                        format!("{:>8}  delete  {:<8} {}", logged.seq, kind.name(), id)
-                    }
-                }
-            };
-            let _ = writeln!(out, "{line}");
+    let closed = std::rc::Rc::new(tokio::sync::Notify::new());
+    let print = {
+        let closed = closed.clone();
+        move |ops: &[capsync_persistence::LoggedOp]| {
+            let mut out = std::io::stdout().lock();
+            let written = ops.iter().try_for_each(|logged| writeln!(out, "{}", render::op_line(logged, json))).and_then(|()| out.flush());
+            if let Err(err) = written {
+                tracing::debug!(error = %err, "stdout closed; tail stops");
+                closed.notify_one();
+            }
         }
-        let _ = out.flush();
     };
-    client.follow(&name, print, super::shutdown_signal()).await?;
+    let stop = async move {
+        tokio::select! {
+            _ = super::shutdown_signal() => {}
+            _ = closed.notified() => {}
+        }
+    };
+    client.follow(&name, print, stop).await?;
     Ok(ExitCode::SUCCESS)
 }

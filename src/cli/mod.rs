@@ -3,9 +3,11 @@
 mod admin;
 mod bench;
 mod client;
+mod render;
 mod serve;
 mod share;
 
+use capsync_schema::SturdyUri;
 use clap::{Args, Parser, Subcommand};
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,13 +63,31 @@ pub struct TlsArg {
 pub struct AdminRef {
     /// The admin sturdy URI (capsync://HOST:PORT/TOKEN). Prefer --admin-file: a URI on the
     /// command line is visible to other local users.
-    #[arg(long, env = "CAPSYNC_ADMIN", hide_env_values = true)]
-    admin: Option<String>,
+    #[arg(long, env = "CAPSYNC_ADMIN", hide_env_values = true, value_parser = UriParser)]
+    admin: Option<SturdyUri>,
     /// File holding the admin sturdy URI.
     #[arg(long, value_name = "PATH", default_value = "./capsync-data/admin.uri")]
     admin_file: PathBuf,
     #[command(flatten)]
     tls: TlsArg,
+}
+
+/// Parses a sturdy URI argument at the command line, so the token is held only by the
+/// redacting [`SturdyUri`] from then on (an argument struct's `Debug` never shows it). clap's
+/// own "invalid value" error echoes the value, token and all, so this error names only the
+/// problem.
+#[derive(Clone, Copy, Debug)]
+pub struct UriParser;
+
+impl clap::builder::TypedValueParser for UriParser {
+    type Value = SturdyUri;
+
+    fn parse_ref(&self, _: &clap::Command, arg: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<SturdyUri, clap::Error> {
+        use clap::error::ErrorKind;
+        let what = arg.map_or_else(|| "URI".to_owned(), |a| a.get_id().as_str().to_uppercase());
+        let text = value.to_str().ok_or_else(|| clap::Error::raw(ErrorKind::InvalidUtf8, format!("the {what} argument is not UTF-8\n")))?;
+        SturdyUri::parse(text).map_err(|err| clap::Error::raw(ErrorKind::ValueValidation, format!("the {what} argument: {err}\n")))
+    }
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -174,5 +194,32 @@ mod tests {
         assert!(parse_duration("h").is_err());
         assert_eq!(format_ms(0), "never");
         assert_eq!(format_ms(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn parsed_arguments_never_show_a_token() {
+        let token = capsync_schema::Token::generate();
+        let uri = SturdyUri::new("127.0.0.1:7420", token.clone()).expose();
+        let secret = &token.expose()[4..];
+        let commands: [&[&str]; 8] = [
+            &["capsync", "put", &uri, "--kind", "message", "--id", "m", "--data", "1"],
+            &["capsync", "delete", &uri, "--kind", "message", "--id", "m"],
+            &["capsync", "push", &uri, "--file", "ops.jsonl"],
+            &["capsync", "pull", &uri, "--json"],
+            &["capsync", "tail", &uri],
+            &["capsync", "share", &uri, "--rights", "read"],
+            &["capsync", "admin", "--admin", &uri, "list-sessions"],
+            &["capsync", "admin", "--admin", &uri, "stats"],
+        ];
+        for argv in commands {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let shown = format!("{cli:?}");
+            assert!(shown.contains("127.0.0.1:7420"), "the URI is parsed: {shown}");
+            assert!(!shown.contains(&secret[..12]), "`{}` shows its token in Debug", argv[1]);
+        }
+        let malformed = format!("{uri}x");
+        let err = Cli::try_parse_from(["capsync", "pull", &malformed]).unwrap_err().to_string();
+        assert!(err.contains("token is malformed"), "{err}");
+        assert!(!err.contains(&secret[..12]), "a refused URI is not echoed");
     }
 }

@@ -1,6 +1,5 @@
 //! `capsync share URI --rights ...`.
 
-use anyhow::Context as _;
 use capsync_client::{ClientError, Connection};
 use capsync_persistence::Rights;
 use capsync_schema::{SturdyUri, Token};
@@ -10,7 +9,8 @@ use std::process::ExitCode;
 #[derive(Args, Debug)]
 pub struct ShareArgs {
     /// Sturdy URI of the session or share to mint from (needs the mint right).
-    uri: String,
+    #[arg(value_parser = super::UriParser)]
+    uri: SturdyUri,
     /// Comma-separated rights of the new share: read, append, mint.
     #[arg(long, value_parser = parse_rights)]
     rights: Rights,
@@ -41,7 +41,7 @@ fn parse_rights(text: &str) -> Result<Rights, String> {
 }
 
 pub async fn run(args: ShareArgs) -> anyhow::Result<ExitCode> {
-    let uri = SturdyUri::parse(&args.uri).context("the URI")?;
+    let uri = args.uri;
     let conn = Connection::connect(&uri, args.tls.tls_ca.as_deref()).await?;
     let (session, _grant) = conn.session(&uri.token);
     let mut request = session.mint_request();

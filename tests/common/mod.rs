@@ -134,10 +134,14 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
 }
 
 /// Every secret a test handled must be absent from a text (a log, a CLI's output).
+/// Fails if any 12-character run of a token's secret appears in `text`: a token cut short,
+/// wrapped or prefixed is still a leak.
 pub fn assert_no_tokens(text: &str, tokens: &[Token], what: &str) {
     for token in tokens {
         let secret = &token.expose()[4..];
-        assert!(!text.contains(secret), "a token appears in {what}");
+        for start in 0..=secret.len().saturating_sub(12) {
+            assert!(!text.contains(&secret[start..start + 12]), "part of a token appears in {what}");
+        }
     }
 }
 

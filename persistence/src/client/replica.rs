@@ -70,6 +70,7 @@ impl ClientDb {
             cursor = logged.seq;
         }
         tx.prepare_cached("UPDATE replica_state SET cursor = ?2 WHERE ref_name = ?1")?.execute(params![name, cursor as i64])?;
+        crate::failpoint::hit("client-before-replica-commit");
         tx.commit()?;
         Ok(cursor)
     }
