@@ -472,3 +472,21 @@ fn push_refuses_an_over_long_line_with_its_number_in_bounded_memory() {
         assert!(stderr.contains(line) && stderr.contains("longer than"), "{stderr}");
     }
 }
+
+#[test]
+fn a_failed_audit_write_is_logged_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_, owner) = new_session(&server);
+    // The real database refuses audit rows from now on (a full disk or a broken table would too).
+    let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit refused'); END;").unwrap();
+    // A redeem writes its audit row in the background.
+    assert!(server_cursor(&server.addr, &owner).is_some());
+    assert!(
+        eventually(Duration::from_secs(30), || server.log_text().contains("a background write failed")),
+        "the lost audit row left no trace in the log"
+    );
+}
