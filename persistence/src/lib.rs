@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! - [`model`]: entities, ops, batches, acks and rights as plain data.
+//! - `model`: the `capsync-model` crate (entities, ops, batches, acks, rights), re-exported.
 //! - [`failpoint`]: crash points for fault-injection tests, armed by `CAPSYNC_FAILPOINTS`.
 //! - [`migrate`]: versioned schemas in `user_version`, applied in one transaction.
 //! - [`server`]: the server's schema and its reads ([`server::ServerReader`]) and writes
@@ -19,13 +19,13 @@
 pub mod client;
 pub mod failpoint;
 pub mod migrate;
-pub mod model;
 pub mod readers;
 mod rows;
 pub mod server;
 pub mod writer;
 
-pub use model::*;
+pub use capsync_model as model;
+pub use capsync_model::*;
 
 /// A failure of the storage layer itself (I/O, full disk, corrupt or too-new database).
 #[derive(Debug, thiserror::Error, Clone)]

@@ -7,6 +7,7 @@
 //! - [`token`]: sturdy-ref tokens (`csy_` + 43 base64url chars) and their SHA-256 hashes.
 //! - [`uri`]: sturdy URIs, `capsync://HOST:PORT/TOKEN`, with a `Debug`/`Display` that never
 //!   shows the token.
+//! - [`wire`]: the one mapping between the data model (`capsync-model`) and the wire structs.
 //! - [`coalesce`]: the connection writer both ends use, which sends the messages ready at the
 //!   same moment in one write.
 
@@ -19,6 +20,7 @@ pub mod coalesce;
 pub mod marker;
 pub mod token;
 pub mod uri;
+pub mod wire;
 
 pub use marker::Marker;
 pub use token::{Token, TokenHash};

@@ -3,7 +3,7 @@
 use crate::access::Access;
 use crate::convert;
 use crate::error::{Result, ServerError};
-use crate::gateway::{Connection, LiveGuard};
+use crate::connection::{Connection, LiveGuard};
 use crate::registry::ObjectKey;
 use crate::store::now_ms;
 use capsync_persistence::server::{SessionRow, ShareRow, TargetKind, TokenRow};

@@ -6,40 +6,10 @@ use crate::config::Limits;
 use crate::error::{Result, ServerError};
 use capsync_persistence::server::ShareRow;
 use capsync_persistence::*;
-use capsync_schema::capsync_capnp::{
-    applied_op, entity, entity_key, op, op_result, rights, share_summary, session_summary, EntityKind as WireKind,
-};
+use capsync_schema::capsync_capnp::{entity, entity_key, op, share_summary, session_summary};
 use capsync_persistence::server::SessionRow;
 
-pub fn rights_from(reader: rights::Reader<'_>) -> Rights {
-    Rights { read: reader.get_read(), append: reader.get_append(), mint: reader.get_mint() }
-}
-
-pub fn set_rights(mut builder: rights::Builder<'_>, rights: Rights) {
-    builder.set_read(rights.read);
-    builder.set_append(rights.append);
-    builder.set_mint(rights.mint);
-}
-
-pub fn kind_from(kind: WireKind) -> EntityKind {
-    match kind {
-        WireKind::Session => EntityKind::Session,
-        WireKind::Message => EntityKind::Message,
-        WireKind::Part => EntityKind::Part,
-        WireKind::Diff => EntityKind::Diff,
-        WireKind::Model => EntityKind::Model,
-    }
-}
-
-pub fn kind_to(kind: EntityKind) -> WireKind {
-    match kind {
-        EntityKind::Session => WireKind::Session,
-        EntityKind::Message => WireKind::Message,
-        EntityKind::Part => WireKind::Part,
-        EntityKind::Diff => WireKind::Diff,
-        EntityKind::Model => WireKind::Model,
-    }
-}
+pub use capsync_schema::wire::{kind_from, kind_to, rights_from, set_ack, set_applied_op, set_entity, set_rights};
 
 /// Reads and validates a batch. Fails the call only for what concerns the whole batch.
 pub fn batch(reader: capsync_schema::capsync_capnp::batch::Reader<'_>, limits: &Limits) -> Result<IncomingBatch> {
@@ -125,45 +95,6 @@ fn entity_from(e: entity::Reader<'_>, limits: &Limits) -> std::result::Result<En
         return Err("data is not valid UTF-8 JSON".into());
     }
     Ok(Entity { kind, id, parent_id, data: data.to_vec() })
-}
-
-pub fn set_entity(mut b: entity::Builder<'_>, e: &Entity) {
-    b.set_kind(kind_to(e.kind));
-    b.set_id(e.id.as_str());
-    b.set_parent_id(e.parent_id.as_str());
-    b.set_data(&e.data);
-}
-
-pub fn set_applied_op(mut b: applied_op::Builder<'_>, logged: &LoggedOp) {
-    b.set_seq(logged.seq);
-    let mut op = b.init_op();
-    op.set_op_id(&logged.op.op_id);
-    match &logged.op.body {
-        OpBody::Put(e) => set_entity(op.init_put(), e),
-        OpBody::Delete { kind, id } => {
-            let mut key = op.init_delete();
-            key.set_kind(kind_to(*kind));
-            key.set_id(id.as_str());
-        }
-    }
-}
-
-pub fn set_ack(mut b: capsync_schema::capsync_capnp::ack::Builder<'_>, ack: &BatchAck) {
-    b.set_cursor(ack.cursor);
-    b.set_batch_seq(ack.batch_seq);
-    let mut list = b.init_results(ack.results.len() as u32);
-    for (i, r) in ack.results.iter().enumerate() {
-        let mut out = list.reborrow().get(i as u32);
-        out.set_op_id(&r.op_id);
-        out.set_status(match r.status {
-            OpStatus::Applied => op_result::Status::Applied,
-            OpStatus::Duplicate => op_result::Status::Duplicate,
-            OpStatus::Conflict => op_result::Status::Conflict,
-            OpStatus::Rejected => op_result::Status::Rejected,
-        });
-        out.set_seq(r.seq);
-        out.set_reason(r.reason.as_str());
-    }
 }
 
 pub fn set_session_summary(mut b: session_summary::Builder<'_>, s: &SessionRow, shares: u32) {

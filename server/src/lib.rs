@@ -22,7 +22,9 @@
 //! - [`budget`]: byte budgets per connection and server-wide for frames read and not answered.
 //! - [`peers`]: per-address connection limits and the share kept for peers that redeemed.
 //! - [`throttle`]: failed-redeem accounting per address and the audit cap.
-//! - [`gateway`]: `Gateway.redeem`, from token to live capability, and the shared state.
+//! - [`connection`]: the state shared by every connection and each connection's own, with the
+//!   guards counting calls and capabilities (the capability modules below build on it).
+//! - [`gateway`]: `Gateway.redeem`, from token to live capability.
 //! - [`session`]: `Session` and `Share` (one implementation, limited by rights).
 //! - [`subscription`]: `subscribe`: catch-up then live ops to a streaming `Listener`.
 //! - [`feed`]: per-session rings of recent ops that the writer publishes after each commit.
@@ -43,6 +45,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod budget;
 pub mod config;
+pub mod connection;
 pub mod convert;
 pub mod datadir;
 pub mod error;

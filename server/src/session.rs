@@ -8,7 +8,7 @@
 use crate::access::Access;
 use crate::convert;
 use crate::error::{Result, ServerError};
-use crate::gateway::{Connection, LiveGuard};
+use crate::connection::{Connection, LiveGuard};
 use crate::store::now_ms;
 use capsync_persistence::server::{ShareRow, TargetKind, TokenRow};
 use capsync_persistence::Rights;

@@ -11,7 +11,7 @@
 use crate::access::Access;
 use crate::convert;
 use crate::error::ServerError;
-use crate::gateway::Connection;
+use crate::connection::Connection;
 use crate::store::now_ms;
 use capsync_persistence::LoggedOp;
 use capsync_schema::capsync_capnp::{listener, subscription};

@@ -47,10 +47,7 @@ pub async fn run(args: ShareArgs) -> anyhow::Result<ExitCode> {
     let mut request = session.mint_request();
     {
         let mut params = request.get();
-        let mut rights = params.reborrow().init_rights();
-        rights.set_read(args.rights.read);
-        rights.set_append(args.rights.append);
-        rights.set_mint(args.rights.mint);
+        capsync_schema::wire::set_rights(params.reborrow().init_rights(), args.rights);
         params.set_label(args.label.as_str());
         params.set_ttl_seconds(args.ttl.unwrap_or(0));
     }

@@ -1,7 +1,8 @@
-//! Plain data types shared by the server's store and the client's outbox and replica.
+//! capsync's data model: plain data types shared by the server's stores, the client's outbox
+//! and replica, and the wire conversions in `capsync-schema`.
 //!
-//! They mirror the wire structs of `schema/capsync.capnp` without depending on capnp, so the
-//! storage layer stays free of protocol types.
+//! They mirror the wire structs of `schema/capsync.capnp` without depending on capnp or on any
+//! storage engine, so each store and each side of the wire uses one definition.
 
 use sha2::{Digest, Sha256};
 
