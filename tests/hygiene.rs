@@ -11,9 +11,25 @@ use std::time::Duration;
 
 #[test]
 fn no_flow_logs_prints_or_audits_a_token() {
+    flows("text");
+}
+
+/// The same with `--log-format json` (issue 18): the JSON logs hold no token either, and every
+/// line the server logged is one JSON object.
+#[test]
+fn no_flow_logs_a_token_in_json_logs_either() {
+    let server_log = flows("json");
+    for line in server_log.lines().filter(|l| !l.trim().is_empty()) {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(event["level"].is_string() && event["fields"].is_object(), "a tracing JSON event: {line}");
+    }
+}
+
+/// Runs every flow with logs in `format`; returns the server's log.
+fn flows(format: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = Server::start(&data);
+    let server = Server::start_with_env(&data, "127.0.0.1:0", &[("CAPSYNC_LOG_FORMAT", format)]);
     let admin_file = data.join("admin.uri");
     let admin_file = admin_file.to_str().unwrap();
     let outbox = dir.path().join("outbox.db");
@@ -22,6 +38,7 @@ fn no_flow_logs_prints_or_audits_a_token() {
         let out = Command::new(BIN)
             .args(args)
             .env("RUST_LOG", "trace")
+            .env("CAPSYNC_LOG_FORMAT", format)
             .env("CAPSYNC_OUTBOX", &outbox)
             .stdin(Stdio::null())
             .output()
@@ -54,6 +71,7 @@ fn no_flow_logs_prints_or_audits_a_token() {
     let mut tail = Command::new(BIN)
         .args(["tail", &reader, "--json"])
         .env("RUST_LOG", "trace")
+        .env("CAPSYNC_LOG_FORMAT", format)
         .env("CAPSYNC_OUTBOX", dir.path().join("tail.db"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -97,4 +115,5 @@ fn no_flow_logs_prints_or_audits_a_token() {
         .unwrap();
     assert!(audit.len() > 10);
     assert_no_tokens(&audit.join("\n"), &tokens, "the audit table");
+    server.log_text()
 }

@@ -20,6 +20,10 @@ pub struct Cli {
     /// RUST_LOG overrides it. Logs go to stderr and never contain tokens.
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
+    /// `text` (human-readable, the default) or `json`: one JSON object per event, for a log
+    /// system (tracing's JSON format: `timestamp`, `level`, `target`, `fields`, `spans`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CAPSYNC_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +94,12 @@ impl clap::builder::TypedValueParser for UriParser {
     }
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
         Command::Serve(_) => "info",
@@ -97,11 +107,11 @@ pub fn init_logging(cli: &Cli) {
     };
     let filter = std::env::var("RUST_LOG").ok().or_else(|| cli.log.clone()).unwrap_or_else(|| default.to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).try_init(),
+    };
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
