@@ -3,6 +3,7 @@
 mod admin;
 mod bench;
 mod client;
+mod ops;
 mod render;
 mod serve;
 mod share;
@@ -52,6 +53,10 @@ enum Command {
     Tail(client::TailArgs),
     /// Measure capsync on this machine: scenarios and figures side by side.
     Bench(bench::BenchArgs),
+    /// Write a consistent copy of a data dir's database while its server runs.
+    Backup(ops::BackupArgs),
+    /// Make a new data dir from a backup (refuses a dir in use or not empty).
+    Restore(ops::RestoreArgs),
 }
 
 /// How client commands verify a `capsyncs://` server.
@@ -127,6 +132,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => client::status(args),
         Command::Tail(args) => local(client::tail(args)),
         Command::Bench(args) => local(bench::run(args)),
+        Command::Backup(args) => ops::backup(args),
+        Command::Restore(args) => ops::restore(args),
     }
 }
 

@@ -4,6 +4,7 @@
 //! writer's [`Txn`], so they only ever run on the writer thread inside its transaction.
 
 mod append;
+pub mod backup;
 pub mod schema;
 
 pub use append::AppendError;
