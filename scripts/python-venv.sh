@@ -17,7 +17,7 @@ if [ ! -x "$venv/bin/python" ]; then
     if ! python3 -m venv "$venv" 2>/dev/null; then
         # Debian's python3 ships venv separately.
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            apt-get install -y -qq python3-venv >/dev/null
+            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
             rm -rf "$venv"
             python3 -m venv "$venv"
         else
