@@ -53,21 +53,46 @@ pub struct WriteJob {
     /// waiting in the queue; it never waits behind a flood of appends. It always runs as a
     /// barrier, in a group of its own.
     pub urgent: bool,
+    /// How much the job writes (an append: its ops), summed per group for metrics.
+    pub weight: u64,
     pub body: JobBody,
 }
 
+/// What one write group did, reported to the writer's observer (metrics) after it completes.
+#[derive(Clone, Debug)]
+pub struct GroupReport {
+    /// Jobs that ran in the group (fewer than were taken if a revocation cut it short).
+    pub jobs: usize,
+    /// The sum of their weights.
+    pub weight: u64,
+    /// Running the jobs and committing them (the fsync).
+    pub took: std::time::Duration,
+    /// Jobs still waiting when the group finished.
+    pub queued: usize,
+    pub committed: bool,
+}
+
+/// Receives a [`GroupReport`] on the writer thread after each group; must be quick.
+pub type GroupObserver = Arc<dyn Fn(&GroupReport) + Send + Sync>;
+
 impl WriteJob {
     pub fn new(body: impl for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send + 'static) -> WriteJob {
-        WriteJob { barrier: false, urgent: false, body: Box::new(body) }
+        WriteJob { barrier: false, urgent: false, weight: 1, body: Box::new(body) }
+    }
+
+    /// Sets how much the job writes (see [`WriteJob::weight`]).
+    pub fn with_weight(mut self, weight: u64) -> WriteJob {
+        self.weight = weight;
+        self
     }
 
     pub fn barrier(body: impl for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send + 'static) -> WriteJob {
-        WriteJob { barrier: true, urgent: false, body: Box::new(body) }
+        WriteJob { barrier: true, urgent: false, weight: 1, body: Box::new(body) }
     }
 
     /// A barrier that jumps the queue (see [`WriteJob::urgent`]).
     pub fn urgent(body: impl for<'a> FnOnce(&Txn<'a>) -> JobOutcome + Send + 'static) -> WriteJob {
-        WriteJob { barrier: true, urgent: true, body: Box::new(body) }
+        WriteJob { barrier: true, urgent: true, weight: 1, body: Box::new(body) }
     }
 }
 
@@ -142,14 +167,19 @@ const MAX_GROUP: usize = 1024;
 
 impl Writer {
     /// Starts the thread, which owns `conn` from now on.
-    pub fn start(name: &str, mut conn: Connection) -> Writer {
+    pub fn start(name: &str, conn: Connection) -> Writer {
+        Writer::start_observed(name, conn, None)
+    }
+
+    /// [`Writer::start`], reporting each group to `observer`.
+    pub fn start_observed(name: &str, mut conn: Connection, observer: Option<GroupObserver>) -> Writer {
         let queue = Arc::new(Queue::default());
         let jobs = queue.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{name}-writer"))
             .spawn(move || {
                 while let Some(group) = jobs.next_group() {
-                    let run = std::panic::AssertUnwindSafe(|| run_group(&mut conn, group, &jobs));
+                    let run = std::panic::AssertUnwindSafe(|| run_group(&mut conn, group, &jobs, observer.as_deref()));
                     if std::panic::catch_unwind(run).is_err() {
                         // A bug, not a storage failure: stop rather than write on after it.
                         // Dropping the queued jobs fails their futures with `Stopped`.
@@ -216,7 +246,9 @@ impl Drop for Writer {
     }
 }
 
-fn run_group(conn: &mut Connection, group: Vec<WriteJob>, queue: &Queue) {
+fn run_group(conn: &mut Connection, group: Vec<WriteJob>, queue: &Queue, observer: Option<&(dyn Fn(&GroupReport) + Send + Sync)>) {
+    let started = std::time::Instant::now();
+    let mut weight = 0;
     let mut completions = Vec::with_capacity(group.len());
     let committed = (|| -> Result<(), StorageError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -238,6 +270,7 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>, queue: &Queue) {
                 if !alone {
                     tx.prepare_cached("SAVEPOINT job")?.execute([])?;
                 }
+                weight += job.weight;
                 let outcome = (job.body)(&typed);
                 keep_any |= outcome.keep;
                 completions.push(outcome.completion);
@@ -269,8 +302,18 @@ fn run_group(conn: &mut Connection, group: Vec<WriteJob>, queue: &Queue) {
     } else {
         tracing::trace!(jobs = completions.len(), "write group committed");
     }
+    let report = GroupReport {
+        jobs: completions.len(),
+        weight,
+        took: started.elapsed(),
+        queued: { let q = queue.lock(); q.urgent.len() + q.normal.len() },
+        committed: committed.is_ok(),
+    };
     for completion in completions {
         completion(committed.clone());
+    }
+    if let Some(observe) = observer {
+        observe(&report);
     }
 }
 

@@ -9,8 +9,10 @@
 //! it has no call in flight any more (everything it sent has been answered) and when it
 //! closes. Small frames are not charged: they are bounded by the calls-in-flight limit.
 
+use crate::metrics::{Metrics, Refusal};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 
 /// Frames from this size on are charged.
@@ -22,11 +24,18 @@ pub struct ServerBudget {
     limit: usize,
     used: Cell<usize>,
     waiting: RefCell<Vec<Waker>>,
+    /// Counts each time a connection is held back.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ServerBudget {
     pub fn new(limit: usize) -> Rc<ServerBudget> {
-        Rc::new(ServerBudget { limit, used: Cell::new(0), waiting: RefCell::default() })
+        Rc::new(ServerBudget { limit, used: Cell::new(0), waiting: RefCell::default(), metrics: None })
+    }
+
+    /// A budget that counts the connections it holds back in `metrics`.
+    pub fn observed(limit: usize, metrics: Arc<Metrics>) -> Rc<ServerBudget> {
+        Rc::new(ServerBudget { limit, used: Cell::new(0), waiting: RefCell::default(), metrics: Some(metrics) })
     }
 
     /// Bytes charged now, over all connections.
@@ -65,6 +74,9 @@ impl ConnectionBudget {
             let mut waiting = server.waiting.borrow_mut();
             if !waiting.iter().any(|w| w.will_wake(waker)) {
                 waiting.push(waker.clone());
+                if let Some(metrics) = &server.metrics {
+                    metrics.refused(Refusal::ByteBudget);
+                }
             }
         }
         false

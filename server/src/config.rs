@@ -13,6 +13,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Serve TLS (`capsyncs://`) with this configuration; plain TCP when `None`.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` over HTTP on this address; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Limits on what one request may carry (DESIGN §9).
@@ -81,6 +83,6 @@ impl Default for Limits {
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
-        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None }
+        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None, metrics_listen: None }
     }
 }

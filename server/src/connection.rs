@@ -7,6 +7,7 @@ use crate::access::Access;
 use crate::budget::{ConnectionBudget, ServerBudget};
 use crate::config::Limits;
 use crate::error::ServerError;
+use crate::metrics::Metrics;
 use crate::registry::EpochRegistry;
 use crate::store::Store;
 use crate::throttle::RedeemFailures;
@@ -36,10 +37,17 @@ pub struct Shared {
     pub budget: Rc<ServerBudget>,
     /// Who is connected, for the per-address and anonymous-connection limits.
     pub peers: RefCell<crate::peers::Peers>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
-    pub fn new(store: Rc<dyn Store>, registry: Arc<EpochRegistry>, limits: Limits, closing: tokio::sync::watch::Receiver<bool>) -> Shared {
+    pub fn new(
+        store: Rc<dyn Store>,
+        registry: Arc<EpochRegistry>,
+        limits: Limits,
+        closing: tokio::sync::watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
         Shared {
             store,
             registry,
@@ -51,8 +59,9 @@ impl Shared {
             live_capabilities: Cell::new(0),
             subscriptions: Cell::new(0),
             redeem_failures: RefCell::new(RedeemFailures::new(limits.redeem_window, limits.max_failed_redeems, limits.max_failure_audits)),
-            budget: ServerBudget::new(limits.max_server_bytes_in_flight),
+            budget: ServerBudget::observed(limits.max_server_bytes_in_flight, metrics.clone()),
             peers: RefCell::default(),
+            metrics,
             limits,
         }
     }
@@ -76,6 +85,18 @@ pub struct Connection {
 /// Counts one call in flight on a connection until dropped.
 pub struct CallGuard {
     conn: Rc<Connection>,
+    method: &'static str,
+    started: std::time::Instant,
+}
+
+impl CallGuard {
+    /// Runs a call's body and counts its outcome (`ok` or its marker) and latency under the
+    /// call's method name.
+    pub async fn observe(self, body: impl std::future::Future<Output = Result<(), capnp::Error>>) -> Result<(), capnp::Error> {
+        let outcome = body.await;
+        self.conn.shared.metrics.call(self.method, outcome.as_ref().err(), self.started.elapsed());
+        outcome
+    }
 }
 
 impl Drop for CallGuard {
@@ -103,14 +124,16 @@ impl Connection {
         }
     }
 
-    /// Admits one more call, or refuses it past the connection's limit.
-    pub fn begin_call(self: &Rc<Self>) -> Result<CallGuard, ServerError> {
+    /// Admits one more call of `method`, or refuses it past the connection's limit.
+    pub fn begin_call(self: &Rc<Self>, method: &'static str) -> Result<CallGuard, ServerError> {
         let limit = self.shared.limits.max_calls_in_flight;
         if self.in_flight.get() >= limit {
-            return Err(ServerError::Overloaded(format!("more than {limit} calls in flight on one connection")));
+            let why = format!("more than {limit} calls in flight on one connection");
+            self.shared.metrics.call(method, Some(&ServerError::Overloaded(why.clone()).into()), std::time::Duration::ZERO);
+            return Err(ServerError::Overloaded(why));
         }
         self.in_flight.set(self.in_flight.get() + 1);
-        Ok(CallGuard { conn: self.clone() })
+        Ok(CallGuard { conn: self.clone(), method, started: std::time::Instant::now() })
     }
 
     /// Counts a capability served on this connection (and server-wide) until the returned

@@ -88,38 +88,41 @@ impl GatewayImpl {
 impl gateway::Server for GatewayImpl {
     #[instrument(skip_all, fields(peer = %self.conn.peer))]
     async fn redeem(self: Rc<Self>, params: gateway::RedeemParams, mut results: gateway::RedeemResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        let text = params.get()?.get_token()?;
-        let text = match text.to_str() {
-            Ok(text) if text.len() <= MAX_TOKEN_TEXT => text,
-            _ => return Err(self.failed(ServerError::UnknownToken).await.into()),
-        };
-        let hash = TokenHash::of(text);
-        let (access, cap) = match self.resolve(hash).await {
-            Ok(found) => found,
-            Err(err) => return Err(self.failed(err).await.into()),
-        };
-        debug!(kind = access.kind.name(), id = %access.id, "redeemed");
-        let mut out = results.get();
-        let mut grant = out.reborrow().init_grant();
-        fill_grant(grant.reborrow(), &access);
-        let mut slot = grant.init_cap();
-        // The same object again outside the union, where every implementation can pipeline.
-        match cap {
-            LiveCap::Session(c) => {
-                slot.set_session(c.clone());
-                out.set_session(c);
+        let call = self.conn.begin_call("redeem")?;
+        call.observe(async move {
+            let text = params.get()?.get_token()?;
+            let text = match text.to_str() {
+                Ok(text) if text.len() <= MAX_TOKEN_TEXT => text,
+                _ => return Err(self.failed(ServerError::UnknownToken).await.into()),
+            };
+            let hash = TokenHash::of(text);
+            let (access, cap) = match self.resolve(hash).await {
+                Ok(found) => found,
+                Err(err) => return Err(self.failed(err).await.into()),
+            };
+            debug!(kind = access.kind.name(), id = %access.id, "redeemed");
+            let mut out = results.get();
+            let mut grant = out.reborrow().init_grant();
+            fill_grant(grant.reborrow(), &access);
+            let mut slot = grant.init_cap();
+            // The same object again outside the union, where every implementation can pipeline.
+            match cap {
+                LiveCap::Session(c) => {
+                    slot.set_session(c.clone());
+                    out.set_session(c);
+                }
+                LiveCap::Share(c) => {
+                    slot.set_share(c.clone());
+                    out.set_session(capnp::capability::FromClientHook::new(c.client.hook));
+                }
+                LiveCap::Admin(c) => {
+                    slot.set_admin(c.clone());
+                    out.set_admin(c);
+                }
             }
-            LiveCap::Share(c) => {
-                slot.set_share(c.clone());
-                out.set_session(capnp::capability::FromClientHook::new(c.client.hook));
-            }
-            LiveCap::Admin(c) => {
-                slot.set_admin(c.clone());
-                out.set_admin(c);
-            }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -34,6 +34,8 @@
 //! - [`registry`]: in-memory epoch cells that revocation bumps.
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
 //! - [`convert`]: wire structs to storage model and back, with per-op validation.
+//! - [`metrics`]: the Prometheus metrics (fixed label values only).
+//! - [`health`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`datadir`]: the exclusive lock that makes one server the owner of its data dir.
 //! - [`bootstrap`]: `<data-dir>/admin.uri`.
 //! - [`tls`]: the TLS server configuration from PEM files.
@@ -53,6 +55,8 @@ pub mod feed;
 pub mod frames;
 pub mod gateway;
 pub mod listener;
+pub mod metrics;
+pub mod health;
 pub mod peers;
 pub mod registry;
 pub mod sequencer;

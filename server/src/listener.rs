@@ -10,6 +10,9 @@ use crate::connection::{Connection, Shared};
 use crate::gateway::GatewayImpl;
 use crate::registry::EpochRegistry;
 use crate::store::{SqliteStore, Store};
+use crate::health::Readiness;
+use crate::metrics::{Metrics, Refusal};
+use capsync_persistence::writer::GroupObserver;
 use capnp::message::ReaderOptions;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
@@ -38,7 +41,17 @@ pub async fn run(
 ) -> Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.data_dir)?;
     let _owner = DataDirLock::acquire(&config.data_dir)?;
-    let store: Rc<dyn Store> = Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads)?);
+    // Bound before the store opens, so a taken port is reported before anything else.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let observer: GroupObserver = {
+        let metrics = metrics.clone();
+        Arc::new(move |report| metrics.group(report))
+    };
+    let store: Rc<dyn Store> = Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads, Some(observer))?);
     let registry = Arc::new(EpochRegistry::default());
     let local = listener.local_addr()?;
     bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local, config.tls.is_some()).await?;
@@ -48,8 +61,13 @@ pub async fn run(
     ready(local);
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let (closing_subscriptions, closing) = watch::channel(false);
-    let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing));
+    let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing.clone(), metrics.clone()));
     info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
+    if let Some(listener) = metrics_listener {
+        info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+        let readiness = Rc::new(Readiness { store: store.clone(), closing });
+        tokio::task::spawn_local(crate::health::serve(listener, metrics.clone(), readiness));
+    }
 
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (closing_tx, closing) = watch::channel(false);
@@ -76,6 +94,10 @@ pub async fn run(
         let admitted = shared.peers.borrow_mut().admit(peer.ip(), config.limits.max_connections_per_address, anonymous_limit);
         if let Err(refusal) = admitted {
             debug!(peer = %peer, ?refusal, "connection refused");
+            shared.metrics.refused(match refusal {
+                crate::peers::Refusal::TooManyFromAddress => Refusal::PerAddress,
+                crate::peers::Refusal::NoRoomForAnonymous => Refusal::AnonymousShare,
+            });
             drop(stream);
             continue;
         }
@@ -147,6 +169,7 @@ async fn serve_connection(
     mut closing: watch::Receiver<bool>,
 ) {
     shared.connections.set(shared.connections.get() + 1);
+    shared.metrics.connection_opened();
     debug!("connection opened");
     let clock = FrameClock::new();
     let budget = ConnectionBudget::new(shared.budget.clone(), shared.limits.max_connection_bytes_in_flight);
@@ -177,7 +200,10 @@ async fn serve_connection(
             let _ = tokio::time::timeout(FINAL_FLUSH, flusher.finish()).await;
             debug!("connection closed for shutdown");
         }
-        reason = watchdog(&clock, &conn) => info!(reason, "connection closed"),
+        reason = watchdog(&clock, &conn) => {
+            conn.shared.metrics.refused(reason);
+            info!(reason = reason.name(), "connection closed");
+        }
     }
     // Whatever still works for this connection (subscriptions) stops now, so nothing keeps
     // its socket or its memory once it is gone.
@@ -187,23 +213,24 @@ async fn serve_connection(
     }
     conn.budget.release_all();
     shared.connections.set(shared.connections.get().saturating_sub(1));
+    shared.metrics.connection_closed();
 }
 
 /// Completes, saying why, once the connection should be closed: it has been before or inside
 /// a frame for longer than the frame timeout, or it holds no live capability and has sent
 /// nothing for the idle timeout. Also releases the byte charges of a connection with no call
 /// in flight (frames that carried no call, such as returns, are never answered).
-async fn watchdog(clock: &FrameClock, conn: &Connection) -> &'static str {
+async fn watchdog(clock: &FrameClock, conn: &Connection) -> Refusal {
     let limits = &conn.shared.limits;
     let tick = (limits.frame_timeout.min(limits.idle_timeout) / 4).max(std::time::Duration::from_millis(50));
     loop {
         tokio::time::sleep(tick).await;
         if clock.pending_for().is_some_and(|d| d > limits.frame_timeout) {
-            return "no complete frame within the frame timeout";
+            return Refusal::FrameTimeout;
         }
         let idle = conn.in_flight.get() == 0;
         if idle && conn.live.get() == 0 && conn.subscriptions.get() == 0 && clock.quiet_for() > limits.idle_timeout {
-            return "idle without a live capability";
+            return Refusal::Idle;
         }
         if idle {
             conn.budget.release_all();

@@ -69,182 +69,201 @@ impl session::Server for SessionImpl {
     /// Batches of one client reach the writer in batchSeq order whatever order their calls
     /// were dispatched in (see [`crate::sequencer`]).
     async fn append(self: Rc<Self>, params: session::AppendParams, mut results: session::AppendResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        self.require(APPEND, "append")?;
-        let batch = convert::batch(params.get()?.get_batch()?, &self.conn.shared.limits)?;
-        debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
-        let shared = &self.conn.shared;
-        let (sid, client, seq) = (self.access.sid, batch.client_id, batch.batch_seq);
-        shared.sequencer.turn(sid, client, seq, || shared.store.last_batch_seq(sid, client)).await?;
-        self.access.check()?;
-        let feeds = shared.feeds.clone();
-        let publish = Box::new(move |ops| feeds.publish(sid, ops));
-        let pending = shared.store.append(sid, self.access.session_id.clone(), batch, self.access.admit(), publish);
-        shared.sequencer.submitted(sid, client, seq);
-        let ack = match pending.await {
-            Ok(ack) => ack,
-            Err(err) => {
-                shared.sequencer.forget(sid, client);
-                return Err(err.into());
-            }
-        };
-        // No epoch check here: the writer ordered this batch against every revocation (its
-        // admission check ran in the same transaction), so a batch that committed was admitted
-        // before the revocation, and answering `revoked` now would hide an applied batch.
-        convert::set_ack(results.get().init_ack(), &ack);
-        Ok(())
+        let call = self.conn.begin_call("append")?;
+        call.observe(async move {
+            self.require(APPEND, "append")?;
+            let batch = convert::batch(params.get()?.get_batch()?, &self.conn.shared.limits)?;
+            debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
+            let shared = &self.conn.shared;
+            let (sid, client, seq) = (self.access.sid, batch.client_id, batch.batch_seq);
+            shared.sequencer.turn(sid, client, seq, || shared.store.last_batch_seq(sid, client)).await?;
+            self.access.check()?;
+            let feeds = shared.feeds.clone();
+            let publish = Box::new(move |ops| feeds.publish(sid, ops));
+            let pending = shared.store.append(sid, self.access.session_id.clone(), batch, self.access.admit(), publish);
+            shared.sequencer.submitted(sid, client, seq);
+            let ack = match pending.await {
+                Ok(ack) => ack,
+                Err(err) => {
+                    shared.sequencer.forget(sid, client);
+                    return Err(err.into());
+                }
+            };
+            // No epoch check here: the writer ordered this batch against every revocation (its
+            // admission check ran in the same transaction), so a batch that committed was admitted
+            // before the revocation, and answering `revoked` now would hide an applied batch.
+            shared.metrics.ack(&ack);
+            convert::set_ack(results.get().init_ack(), &ack);
+            Ok(())
+        })
+        .await
     }
 
     async fn snapshot(self: Rc<Self>, params: session::SnapshotParams, mut results: session::SnapshotResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        self.require(READ, "snapshot")?;
-        let params = params.get()?;
-        let after = if params.has_start_after() {
-            let key = params.get_start_after()?;
-            let kind = key.get_kind().map_err(|_| ServerError::Invalid("unknown entity kind in startAfter".into()))?;
-            let id = key.get_id()?.to_str().map_err(|_| ServerError::Invalid("startAfter id is not UTF-8".into()))?;
-            Some((convert::kind_from(kind), id.to_owned()))
-        } else {
-            None
-        };
-        let limit = self.page_limit(params.get_limit());
-        let mut page = self.conn.shared.store.snapshot_page(self.access.sid, after, limit).await?;
-        self.access.check()?;
-        let keep = within_bytes(page.entities.iter().map(|e| e.data.len()), self.conn.shared.limits.max_page_bytes);
-        if keep < page.entities.len() {
-            page.entities.truncate(keep);
-            page.more = true;
-        }
-        let mut out = results.get();
-        out.set_cursor(page.cursor);
-        out.set_more(page.more);
-        let mut list = out.init_entities(page.entities.len() as u32);
-        for (i, e) in page.entities.iter().enumerate() {
-            convert::set_entity(list.reborrow().get(i as u32), e);
-        }
-        Ok(())
+        let call = self.conn.begin_call("snapshot")?;
+        call.observe(async move {
+            self.require(READ, "snapshot")?;
+            let params = params.get()?;
+            let after = if params.has_start_after() {
+                let key = params.get_start_after()?;
+                let kind = key.get_kind().map_err(|_| ServerError::Invalid("unknown entity kind in startAfter".into()))?;
+                let id = key.get_id()?.to_str().map_err(|_| ServerError::Invalid("startAfter id is not UTF-8".into()))?;
+                Some((convert::kind_from(kind), id.to_owned()))
+            } else {
+                None
+            };
+            let limit = self.page_limit(params.get_limit());
+            let mut page = self.conn.shared.store.snapshot_page(self.access.sid, after, limit).await?;
+            self.access.check()?;
+            let keep = within_bytes(page.entities.iter().map(|e| e.data.len()), self.conn.shared.limits.max_page_bytes);
+            if keep < page.entities.len() {
+                page.entities.truncate(keep);
+                page.more = true;
+            }
+            let mut out = results.get();
+            out.set_cursor(page.cursor);
+            out.set_more(page.more);
+            let mut list = out.init_entities(page.entities.len() as u32);
+            for (i, e) in page.entities.iter().enumerate() {
+                convert::set_entity(list.reborrow().get(i as u32), e);
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn changes(self: Rc<Self>, params: session::ChangesParams, mut results: session::ChangesResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        self.require(READ, "changes")?;
-        let params = params.get()?;
-        let limit = self.page_limit(params.get_limit());
-        let (mut ops, cursor) = self.conn.shared.store.changes(self.access.sid, params.get_after(), limit).await?;
-        self.access.check()?;
-        let keep = within_bytes(ops.iter().map(|o| op_bytes(&o.op.body)), self.conn.shared.limits.max_page_bytes);
-        ops.truncate(keep);
-        let mut out = results.get();
-        out.set_cursor(cursor);
-        let mut list = out.init_ops(ops.len() as u32);
-        for (i, op) in ops.iter().enumerate() {
-            convert::set_applied_op(list.reborrow().get(i as u32), op);
-        }
-        Ok(())
+        let call = self.conn.begin_call("changes")?;
+        call.observe(async move {
+            self.require(READ, "changes")?;
+            let params = params.get()?;
+            let limit = self.page_limit(params.get_limit());
+            let (mut ops, cursor) = self.conn.shared.store.changes(self.access.sid, params.get_after(), limit).await?;
+            self.access.check()?;
+            let keep = within_bytes(ops.iter().map(|o| op_bytes(&o.op.body)), self.conn.shared.limits.max_page_bytes);
+            ops.truncate(keep);
+            let mut out = results.get();
+            out.set_cursor(cursor);
+            let mut list = out.init_ops(ops.len() as u32);
+            for (i, op) in ops.iter().enumerate() {
+                convert::set_applied_op(list.reborrow().get(i as u32), op);
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn subscribe(self: Rc<Self>, params: session::SubscribeParams, mut results: session::SubscribeResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        self.require(READ, "subscribe")?;
-        let params = params.get()?;
-        let listener = params.get_listener()?;
-        let cap = self.conn.shared.limits.max_subscriptions_per_connection;
-        if self.conn.subscriptions.get() >= cap {
-            return Err(ServerError::Overloaded(format!("more than {cap} subscriptions on one connection")).into());
-        }
-        let subscription = crate::subscription::start(self.access.clone(), self.conn.clone(), listener, params.get_after());
-        results.get().set_subscription(subscription);
-        Ok(())
+        let call = self.conn.begin_call("subscribe")?;
+        call.observe(async move {
+            self.require(READ, "subscribe")?;
+            let params = params.get()?;
+            let listener = params.get_listener()?;
+            let cap = self.conn.shared.limits.max_subscriptions_per_connection;
+            if self.conn.subscriptions.get() >= cap {
+                return Err(ServerError::Overloaded(format!("more than {cap} subscriptions on one connection")).into());
+            }
+            let subscription = crate::subscription::start(self.access.clone(), self.conn.clone(), listener, params.get_after());
+            results.get().set_subscription(subscription);
+            Ok(())
+        })
+        .await
     }
 
     async fn mint(self: Rc<Self>, params: session::MintParams, mut results: session::MintResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        self.require(MINT, "mint")?;
-        let params = params.get()?;
-        let rights = convert::rights_from(params.get_rights()?);
-        if !rights.is_subset_of(self.access.rights) {
-            let reason = format!("cannot mint [{}] from a capability with [{}]", rights.names(), self.access.rights.names());
-            self.conn.audit("denied", Some(&self.access), reason.clone());
-            return Err(ServerError::Denied(reason).into());
-        }
-        if rights == Rights::default() {
-            return Err(ServerError::Invalid("a share needs at least one right".into()).into());
-        }
-        let label = params.get_label()?.to_str().map_err(|_| ServerError::Invalid("label is not UTF-8".into()))?;
-        if label.len() > 256 {
-            return Err(ServerError::Invalid("label is longer than 256 bytes".into()).into());
-        }
-        let expires_at = match self.child_expiry(params.get_ttl_seconds()) {
-            Ok(at) => at,
-            Err(err) => {
-                self.conn.audit("denied", Some(&self.access), err.to_string());
-                return Err(err.into());
+        let call = self.conn.begin_call("mint")?;
+        call.observe(async move {
+            self.require(MINT, "mint")?;
+            let params = params.get()?;
+            let rights = convert::rights_from(params.get_rights()?);
+            if !rights.is_subset_of(self.access.rights) {
+                let reason = format!("cannot mint [{}] from a capability with [{}]", rights.names(), self.access.rights.names());
+                self.conn.audit("denied", Some(&self.access), reason.clone());
+                return Err(ServerError::Denied(reason).into());
             }
-        };
-        let now = now_ms();
-        let share_id = uuid::Uuid::now_v7().to_string();
-        let (parent_share_id, parent) = match self.access.kind {
-            TargetKind::Share => (Some(self.access.id.clone()), format!("share:{}", self.access.id)),
-            _ => (None, format!("session:{}", self.access.session_id)),
-        };
-        let token = Token::generate();
-        let share = ShareRow {
-            id: share_id.clone(),
-            sid: self.access.sid,
-            session_id: self.access.session_id.clone(),
-            parent_share_id,
-            parent_epoch: self.access.epoch(),
-            rights,
-            label: label.to_owned(),
-            epoch: 0,
-            created_at: now,
-            expires_at,
-            last_used_at: 0,
-        };
-        let row = TokenRow {
-            hash: token.hash().0,
-            target_kind: TargetKind::Share,
-            target_id: share_id.clone(),
-            minted_epoch: 0,
-            rights,
-            parent,
-            label: label.to_owned(),
-            created_at: now,
-            expires_at,
-            last_used_at: 0,
-        };
-        let mut event = self.conn.event("mint", Some(&self.access), format!("rights={} label={label}", rights.names()));
-        event.target_kind = "share".into();
-        event.target_id = share_id.clone();
-        self.conn.shared.store.mint_share(share, row, self.access.admit(), event).await?;
-        self.access.check()?;
-        debug!(session = %self.access.session_id, share = %share_id, "minted");
-        let mut out = results.get();
-        out.set_token(token.expose());
-        out.set_share_id(share_id.as_str());
-        Ok(())
+            if rights == Rights::default() {
+                return Err(ServerError::Invalid("a share needs at least one right".into()).into());
+            }
+            let label = params.get_label()?.to_str().map_err(|_| ServerError::Invalid("label is not UTF-8".into()))?;
+            if label.len() > 256 {
+                return Err(ServerError::Invalid("label is longer than 256 bytes".into()).into());
+            }
+            let expires_at = match self.child_expiry(params.get_ttl_seconds()) {
+                Ok(at) => at,
+                Err(err) => {
+                    self.conn.audit("denied", Some(&self.access), err.to_string());
+                    return Err(err.into());
+                }
+            };
+            let now = now_ms();
+            let share_id = uuid::Uuid::now_v7().to_string();
+            let (parent_share_id, parent) = match self.access.kind {
+                TargetKind::Share => (Some(self.access.id.clone()), format!("share:{}", self.access.id)),
+                _ => (None, format!("session:{}", self.access.session_id)),
+            };
+            let token = Token::generate();
+            let share = ShareRow {
+                id: share_id.clone(),
+                sid: self.access.sid,
+                session_id: self.access.session_id.clone(),
+                parent_share_id,
+                parent_epoch: self.access.epoch(),
+                rights,
+                label: label.to_owned(),
+                epoch: 0,
+                created_at: now,
+                expires_at,
+                last_used_at: 0,
+            };
+            let row = TokenRow {
+                hash: token.hash().0,
+                target_kind: TargetKind::Share,
+                target_id: share_id.clone(),
+                minted_epoch: 0,
+                rights,
+                parent,
+                label: label.to_owned(),
+                created_at: now,
+                expires_at,
+                last_used_at: 0,
+            };
+            let mut event = self.conn.event("mint", Some(&self.access), format!("rights={} label={label}", rights.names()));
+            event.target_kind = "share".into();
+            event.target_id = share_id.clone();
+            self.conn.shared.store.mint_share(share, row, self.access.admit(), event).await?;
+            self.access.check()?;
+            debug!(session = %self.access.session_id, share = %share_id, "minted");
+            let mut out = results.get();
+            out.set_token(token.expose());
+            out.set_share_id(share_id.as_str());
+            Ok(())
+        })
+        .await
     }
 
     async fn info(self: Rc<Self>, _: session::InfoParams, mut results: session::InfoResults) -> Result<(), capnp::Error> {
-        let _call = self.conn.begin_call()?;
-        self.access.check()?;
-        let session = self
-            .conn
-            .shared
-            .store
-            .session(self.access.session_id.clone())
-            .await?
-            .ok_or(ServerError::Revoked)?;
-        self.access.check()?;
-        let mut info = results.get().init_info();
-        info.set_session_id(session.id.as_str());
-        info.set_title(session.title.as_str());
-        info.set_kind(self.access.kind.name());
-        info.set_share_id(if self.access.kind == TargetKind::Share { self.access.id.as_str() } else { "" });
-        convert::set_rights(info.reborrow().init_rights(), self.access.rights);
-        info.set_cursor(session.cursor);
-        info.set_expires_at(self.access.expires_at);
-        Ok(())
+        let call = self.conn.begin_call("info")?;
+        call.observe(async move {
+            self.access.check()?;
+            let session = self
+                .conn
+                .shared
+                .store
+                .session(self.access.session_id.clone())
+                .await?
+                .ok_or(ServerError::Revoked)?;
+            self.access.check()?;
+            let mut info = results.get().init_info();
+            info.set_session_id(session.id.as_str());
+            info.set_title(session.title.as_str());
+            info.set_kind(self.access.kind.name());
+            info.set_share_id(if self.access.kind == TargetKind::Share { self.access.id.as_str() } else { "" });
+            convert::set_rights(info.reborrow().init_rights(), self.access.rights);
+            info.set_cursor(session.cursor);
+            info.set_expires_at(self.access.expires_at);
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -11,7 +11,7 @@ use capsync_persistence::server::{
     self, AuditEvent, AuditRow, ServerReader, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow,
 };
 use capsync_persistence::readers::Readers;
-use capsync_persistence::writer::{JobOutcome, Txn, WriteJob, Writer};
+use capsync_persistence::writer::{GroupObserver, JobOutcome, Txn, WriteJob, Writer};
 use capsync_persistence::{BatchAck, EntityKind, IncomingBatch, LoggedOp, Op, OpStatus, StorageError};
 use capsync_persistence::failpoint;
 use futures::future::LocalBoxFuture;
@@ -85,6 +85,9 @@ pub trait Store {
     fn list_shares(&self, session_id: Option<String>) -> Fut<Vec<ShareRow>>;
     fn audit_page(&self, since: u64, limit: u32) -> Fut<Vec<AuditRow>>;
     fn stats(&self) -> Fut<StoreStats>;
+    /// A write-path probe for `/readyz`: an empty write through the same queue and commit as
+    /// every append, answered once it has committed.
+    fn probe(&self) -> Fut<()>;
     /// Lets every queued write commit and complete, then stops the storage threads.
     fn shutdown(&self) -> Fut<()>;
 }
@@ -114,12 +117,12 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens `<data_dir>/capsync.db`, migrating it, and starts the writer and reader threads.
-    pub fn open(data_dir: &Path, reader_threads: usize) -> Result<SqliteStore> {
+    pub fn open(data_dir: &Path, reader_threads: usize, observer: Option<GroupObserver>) -> Result<SqliteStore> {
         let path = data_dir.join("capsync.db");
         let conn = server::open(&path)?;
         let readers = Readers::start("capsync", reader_threads, || ServerReader::open(&path))?;
         Ok(SqliteStore {
-            writer: Mutex::new(Writer::start("capsync", conn)),
+            writer: Mutex::new(Writer::start_observed("capsync", conn, observer)),
             readers: Mutex::new(Some(readers)),
         })
     }
@@ -146,6 +149,7 @@ impl SqliteStore {
     fn write<T: Send + 'static>(
         &self,
         priority: Priority,
+        weight: u64,
         work: impl FnOnce(&Txn<'_>) -> Result<T> + Send + 'static,
         after_commit: impl FnOnce(&mut T) + Send + 'static,
     ) -> Fut<T> {
@@ -171,7 +175,8 @@ impl SqliteStore {
             Priority::Normal => WriteJob::new(body),
             Priority::Barrier => WriteJob::barrier(body),
             Priority::Urgent => WriteJob::urgent(body),
-        };
+        }
+        .with_weight(weight);
         let submitted = self.writer.lock().unwrap_or_else(|p| p.into_inner()).submit(job);
         Box::pin(async move {
             submitted?;
@@ -188,6 +193,7 @@ impl SqliteStore {
     ) -> Fut<Option<u64>> {
         self.write(
             Priority::Urgent,
+            1,
             move |txn| {
                 let epoch = bump(txn, &id)?;
                 if epoch.is_some() {
@@ -235,6 +241,7 @@ impl Store for SqliteStore {
     fn record_redeem(&self, hash: [u8; 32], event: AuditEvent) -> Fut<()> {
         self.write(
             Priority::Normal,
+            1,
             move |txn| {
                 let now = now_ms();
                 txn.touch_token(&hash, now)?;
@@ -246,12 +253,14 @@ impl Store for SqliteStore {
     }
 
     fn audit(&self, event: AuditEvent) -> Fut<()> {
-        self.write(Priority::Normal, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {})
+        self.write(Priority::Normal, 1, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {})
     }
 
     fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck> {
+        let weight = batch.ops.len() as u64;
         let written = self.write(
             Priority::Normal,
+            weight,
             move |txn| {
                 admit()?;
                 let ack = txn.append(sid, &session_id, &batch)?;
@@ -286,6 +295,7 @@ impl Store for SqliteStore {
     fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()> {
         self.write(
             Priority::Normal,
+            1,
             move |txn| {
                 admit()?;
                 txn.insert_share(&share)?;
@@ -300,6 +310,7 @@ impl Store for SqliteStore {
     fn create_session(&self, session_id: String, title: String, owner: TokenRow, event: AuditEvent) -> Fut<()> {
         self.write(
             Priority::Normal,
+            1,
             move |txn| {
                 txn.create_session(&session_id, &title, owner.created_at)?;
                 txn.insert_token(&owner)?;
@@ -321,6 +332,7 @@ impl Store for SqliteStore {
     fn renew_admin(&self, mut token: TokenRow) -> Fut<u64> {
         self.write(
             Priority::Barrier,
+            1,
             move |txn| {
                 let epoch = txn.renew_admin()?;
                 token.minted_epoch = epoch;
@@ -345,6 +357,10 @@ impl Store for SqliteStore {
 
     fn stats(&self) -> Fut<StoreStats> {
         self.read(|reader| reader.stats())
+    }
+
+    fn probe(&self) -> Fut<()> {
+        self.write(Priority::Normal, 0, |_| Ok(()), |_| {})
     }
 
     fn shutdown(&self) -> Fut<()> {

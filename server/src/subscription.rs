@@ -67,6 +67,7 @@ impl Membership {
     fn join(conn: &Rc<Connection>, sid: i64) -> Membership {
         let shared = &conn.shared;
         shared.subscriptions.set(shared.subscriptions.get() + 1);
+        shared.metrics.subscription_started();
         conn.subscriptions.set(conn.subscriptions.get() + 1);
         Membership { conn: conn.clone(), sid }
     }
@@ -77,6 +78,7 @@ impl Drop for Membership {
         let shared = &self.conn.shared;
         shared.feeds.leave(self.sid);
         shared.subscriptions.set(shared.subscriptions.get().saturating_sub(1));
+        shared.metrics.subscription_ended();
         self.conn.subscriptions.set(self.conn.subscriptions.get().saturating_sub(1));
     }
 }
@@ -123,6 +125,7 @@ async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, a
             },
         };
         if let Some(last) = ops.last().map(|o| o.seq) {
+            shared.metrics.delivered((*head.borrow()).saturating_sub(last));
             let mut request = listener.on_ops_request();
             {
                 let mut params = request.get();

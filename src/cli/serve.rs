@@ -64,11 +64,17 @@ pub struct ServeArgs {
     /// Subscriptions one connection may hold (capsync/overloaded beyond).
     #[arg(long, default_value_t = 64)]
     max_subscriptions_per_connection: usize,
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, over HTTP on this
+    /// address (`--metrics-listen` alone: 127.0.0.1:9464). Off by default. The endpoint has no
+    /// authentication and shows no secret; keep it on loopback or a private network.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9464")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = capsync_server::ServerConfig::new(&args.data_dir);
     config.max_connections = args.max_connections.max(1);
+    config.metrics_listen = args.metrics_listen;
     let limits = &mut config.limits;
     limits.traversal_limit_words = (args.max_message_bytes / 8).max(1024);
     limits.max_batch_ops = args.max_batch_ops;

@@ -41,6 +41,10 @@ impl Server {
         Server::spawn(data_dir, "127.0.0.1:0", &[], args)
     }
 
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::spawn(data_dir, "127.0.0.1:0", env, args)
+    }
+
     pub fn start_with_env(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
         Server::spawn(data_dir, listen, env, &[])
     }

@@ -1,0 +1,119 @@
+//! `capsync serve --metrics-listen` (issue 18, part 1): the Prometheus exposition counts what
+//! happened, with fixed label values and never a token or a session id; `/healthz` answers;
+//! `/readyz` says not ready while the store cannot take a write, and ready again after.
+
+mod common;
+
+use capsync_client::Connection;
+use capsync_schema::capsync_capnp::EntityKind::Message;
+use capsync_schema::Token;
+use common::*;
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+/// One HTTP/1.1 GET on a fresh connection: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: capsync\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The metrics address the server logged.
+fn metrics_addr(server: &Server) -> String {
+    let log = server.log_text();
+    let line = log.lines().find(|l| l.contains("serving /metrics")).expect("the server logs its metrics address");
+    line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+/// The value of the sample named exactly `series` (name and labels), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+#[test]
+fn metrics_count_calls_ops_redeems_and_revocations_with_fixed_labels_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
+    let http = metrics_addr(&server);
+    let (session_id, owner) = new_session(&server);
+    let forged = Token::generate();
+    let share = run_local(async {
+        let conn = Connection::open(&server.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let client = new_client_id();
+        let first = [put(Message, "m1", "", "{}")];
+        append(&session, &client, 1, &first).await.unwrap();
+        for seq in 2..=3 {
+            append(&session, &client, seq, &[put(Message, &format!("m{seq}"), "", "{}")]).await.unwrap();
+        }
+        // The first op again from another client: a duplicate.
+        append(&session, &new_client_id(), 1, &first).await.unwrap();
+        let (share, share_id) = mint(&session, "read", "metrics", 0).await.unwrap();
+        let admin = admin_cap(&conn, &server.admin_uri().token);
+        let mut request = admin.revoke_share_request();
+        request.get().set_share_id(share_id.as_str());
+        request.send().promise.await.unwrap();
+        let (bad, _) = conn.session(&forged);
+        assert!(cursor(&bad).await.is_err());
+        share
+    });
+
+    let (status, text) = get(&http, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&text, "capsync_calls_total{method=\"append\",outcome=\"ok\"}"), Some(4.0), "{text}");
+    assert_eq!(sample(&text, "capsync_ops_total{status=\"applied\"}"), Some(3.0), "{text}");
+    assert_eq!(sample(&text, "capsync_ops_total{status=\"duplicate\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "capsync_redeems_total{outcome=\"capsync/unknown-token\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "capsync_revocations_total{kind=\"share\"}"), Some(1.0), "{text}");
+    assert!(sample(&text, "capsync_commit_seconds_count").is_some_and(|n| n >= 4.0), "{text}");
+    assert!(sample(&text, "capsync_ops_per_commit_sum").is_some_and(|n| n >= 3.0), "{text}");
+    assert!(sample(&text, "capsync_connections").is_some(), "{text}");
+    // Bounded labels: no id, no token.
+    assert!(!text.contains(&session_id), "a session id in a label");
+    assert_no_tokens(&text, &[owner, share, forged, server.admin_uri().token], "the metrics");
+
+    assert_eq!(get(&http, "/healthz").0, 200);
+    assert_eq!(get(&http, "/readyz"), (200, "ready\n".to_owned()));
+    assert_eq!(get(&http, "/nothing").0, 404);
+}
+
+#[test]
+fn readyz_is_not_ready_while_the_store_cannot_take_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let release_text = release.to_str().unwrap().to_owned();
+    let data = dir.path().join("data");
+    let mut server = Server::start_with(
+        &data,
+        &[("CAPSYNC_FAILPOINTS", "server-before-commit=1:hold"), ("CAPSYNC_FAILPOINTS_RELEASE", &release_text)],
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let http = metrics_addr(&server);
+    assert_eq!(get(&http, "/readyz").0, 200);
+    let (_, owner) = new_session(&server);
+    // The first append holds the writer inside its transaction.
+    let addr = server.addr.clone();
+    let writer = std::thread::spawn(move || {
+        run_local(async {
+            let conn = Connection::open(&addr).await.unwrap();
+            let (session, _) = conn.session(&owner);
+            append(&session, &new_client_id(), 1, &[put(Message, "m", "", "{}")]).await.unwrap().cursor
+        })
+    });
+    while !server.log_text().contains("server-before-commit reached: holding") {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = get(&http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("write probe"), "{body}");
+    assert_eq!(get(&http, "/healthz").0, 200, "alive all the same");
+    std::fs::write(&release, b"").unwrap();
+    assert_eq!(writer.join().unwrap(), 1);
+    assert_eq!(get(&http, "/readyz").0, 200);
+    server.stop();
+}
