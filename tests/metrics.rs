@@ -82,38 +82,100 @@ fn metrics_count_calls_ops_redeems_and_revocations_with_fixed_labels_only() {
     assert_eq!(get(&http, "/nothing").0, 404);
 }
 
-#[test]
-fn readyz_is_not_ready_while_the_store_cannot_take_a_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let release = dir.path().join("release");
+/// A server whose first append holds the writer inside its transaction until `release` exists,
+/// with an append in flight that is held there.
+fn held_writer(dir: &std::path::Path) -> (Server, String, std::path::PathBuf, std::thread::JoinHandle<Result<u64, capnp::Error>>) {
+    let release = dir.join("release");
     let release_text = release.to_str().unwrap().to_owned();
-    let data = dir.path().join("data");
-    let mut server = Server::start_with(
-        &data,
+    let server = Server::start_with(
+        &dir.join("data"),
         &[("CAPSYNC_FAILPOINTS", "server-before-commit=1:hold"), ("CAPSYNC_FAILPOINTS_RELEASE", &release_text)],
         &["--metrics-listen", "127.0.0.1:0"],
     );
     let http = metrics_addr(&server);
     assert_eq!(get(&http, "/readyz").0, 200);
     let (_, owner) = new_session(&server);
-    // The first append holds the writer inside its transaction.
     let addr = server.addr.clone();
     let writer = std::thread::spawn(move || {
         run_local(async {
             let conn = Connection::open(&addr).await.unwrap();
             let (session, _) = conn.session(&owner);
-            append(&session, &new_client_id(), 1, &[put(Message, "m", "", "{}")]).await.unwrap().cursor
+            append(&session, &new_client_id(), 1, &[put(Message, "m", "", "{}")]).await.map(|ack| ack.cursor)
         })
     });
     while !server.log_text().contains("server-before-commit reached: holding") {
         std::thread::sleep(Duration::from_millis(50));
     }
+    (server, http, release, writer)
+}
+
+#[test]
+fn readyz_is_not_ready_while_the_store_cannot_take_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, http, release, writer) = held_writer(dir.path());
     let (status, body) = get(&http, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("write probe"), "{body}");
     assert_eq!(get(&http, "/healthz").0, 200, "alive all the same");
     std::fs::write(&release, b"").unwrap();
-    assert_eq!(writer.join().unwrap(), 1);
+    assert_eq!(writer.join().unwrap().unwrap(), 1);
     assert_eq!(get(&http, "/readyz").0, 200);
     server.stop();
+}
+
+#[test]
+fn readyz_is_not_ready_once_shutdown_begins() {
+    let dir = tempfile::tempdir().unwrap();
+    // The held write keeps the shutdown from finishing (it drains the writer), so the endpoint
+    // is still up to be asked.
+    let (mut server, http, release, writer) = held_writer(dir.path());
+    let status = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let (status, body) = get(&http, "/readyz");
+        if status == 503 && body.contains("shutting down") {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::fs::write(&release, b"").unwrap();
+    let _ = writer.join().unwrap();
+    assert!(seen, "/readyz never said it was shutting down");
+    assert!(server.stop_wait().success(), "the server finished its shutdown");
+}
+
+#[test]
+fn applied_ops_in_the_metrics_equal_what_a_push_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
+    let http = metrics_addr(&server);
+    let (_, owner) = new_session(&server);
+    let uri = capsync_schema::SturdyUri::new(server.addr.clone(), owner).expose();
+    let applied = |text: &str| sample(text, "capsync_ops_total{status=\"applied\"}").unwrap_or(0.0);
+    let mut seen = vec![applied(&get(&http, "/metrics").1)];
+    let file = dir.path().join("ops.jsonl");
+    write_jsonl(&file, 5000, "m");
+    let mut push = std::process::Command::new(BIN)
+        .args(["push", &uri, "--file", file.to_str().unwrap()])
+        .env("CAPSYNC_OUTBOX", dir.path().join("outbox.db"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Scraped while the push runs (how many scrapes land mid-push depends on the machine).
+    while push.try_wait().unwrap().is_none() {
+        seen.push(applied(&get(&http, "/metrics").1));
+    }
+    let mut printed = String::new();
+    push.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+    assert!(push.wait().unwrap().success());
+    assert!(printed.contains("pushed 5000 ops"), "{printed}");
+    seen.push(applied(&get(&http, "/metrics").1));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "the counter only grows: {seen:?}");
+    assert_eq!((seen[0], *seen.last().unwrap()), (0.0, 5000.0), "applied ops = what the push acked");
 }

@@ -58,16 +58,17 @@ pub async fn run(
     if local.ip().is_unspecified() && config.tls.is_none() {
         error!("listening on every interface without TLS: tokens cross the network in clear text");
     }
-    ready(local);
-    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let (closing_subscriptions, closing) = watch::channel(false);
-    let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing.clone(), metrics.clone()));
-    info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
+    // Up before the server says it listens, so whoever waits for that can scrape at once.
     if let Some(listener) = metrics_listener {
         info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        let readiness = Rc::new(Readiness { store: store.clone(), closing });
+        let readiness = Rc::new(Readiness { store: store.clone(), closing: closing.clone() });
         tokio::task::spawn_local(crate::health::serve(listener, metrics.clone(), readiness));
     }
+    ready(local);
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing, metrics.clone()));
+    info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
 
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (closing_tx, closing) = watch::channel(false);

@@ -100,6 +100,11 @@ impl Server {
         child.wait().unwrap()
     }
 
+    /// Waits for a server already told to stop.
+    pub fn stop_wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
