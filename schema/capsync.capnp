@@ -43,6 +43,10 @@ struct Grant {
   rights @6 :Rights;       # what calls the capability allows
   epoch @7 :UInt64;        # epoch of the object the token was minted under
   expiresAt @8 :UInt64;    # Unix ms; 0 = never
+  history @9 :Text;        # which copy of the server's history answers: it changes when the
+                           # server is restored from a backup, and a client that sees it change
+                           # re-delivers the ops it still holds (DESIGN §5; same opIds, so
+                           # nothing applies twice) and re-pulls its replicas
 }
 
 # Rights of a session capability. An owner has all three.

@@ -31,6 +31,8 @@ pub struct RefStatus {
     /// The server's cursor in the latest ack.
     pub cursor: u64,
     pub last_error: String,
+    /// Acked ops re-delivered because the server had lost them (restored from a backup).
+    pub healed: u64,
 }
 
 /// A local-first capsync client over one SQLite file (outbox, refs and replicas).
@@ -176,6 +178,7 @@ impl Client {
                     state: row.state,
                     cursor: row.ack_cursor,
                     last_error: row.last_error,
+                    healed: row.healed,
                 });
             }
             Ok(out)

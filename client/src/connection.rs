@@ -21,6 +21,8 @@ pub struct GrantInfo {
     pub rights: Rights,
     pub epoch: u64,
     pub expires_at: u64,
+    /// The server's history id ('' from a server that predates it).
+    pub history: String,
 }
 
 impl GrantInfo {
@@ -33,6 +35,7 @@ impl GrantInfo {
             rights: Rights { read: rights.get_read(), append: rights.get_append(), mint: rights.get_mint() },
             epoch: grant.get_epoch(),
             expires_at: grant.get_expires_at(),
+            history: grant.get_history()?.to_string()?,
         })
     }
 }

@@ -110,16 +110,28 @@ async fn round(
     on_ops: &mut impl FnMut(&[LoggedOp]),
     failures: &mut u32,
 ) -> Result<Round> {
+    let conn = Connection::connect(uri, options.tls_ca.as_deref()).await?;
+    let (session, grant) = conn.session(&uri.token);
+    let history = grant.await?.history;
+    // A replica from another copy of the server's history (the server was restored from a
+    // backup) is pulled again from a snapshot before following.
     let replica = {
         let n = name.to_owned();
-        db.call(move |db| db.replica_cursor(&n)).await?
+        db.call(move |db| {
+            let seen = db.replica_history(&n)?;
+            if !seen.is_empty() && !history.is_empty() && seen != history {
+                db.reset_replica(&n)?;
+            } else if seen.is_empty() && !history.is_empty() {
+                db.set_replica_history(&n, &history)?;
+            }
+            db.replica_cursor(&n)
+        })
+        .await?
     };
     let mut cursor = match replica {
         Some((_, cursor)) => cursor,
         None => pull::pull(db, name, uri, options.tls_ca.as_deref()).await?.cursor,
     };
-    let conn = Connection::connect(uri, options.tls_ca.as_deref()).await?;
-    let (session, _grant) = conn.session(&uri.token);
     let (events_tx, mut events) = mpsc::channel(4);
     let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events: events_tx });
     let mut request = session.subscribe_request();

@@ -39,6 +39,10 @@ pub struct SyncOptions {
     pub tls_ca: Option<std::path::PathBuf>,
     /// Counts acked ops as acks arrive (for progress displays); not persisted.
     pub acked_ops: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// How long acked ops are kept after their ack, to heal a server restored from an older
+    /// backup (see [`ClientDb::heal`](capsync_persistence::client::ClientDb::heal)); older ones
+    /// are pruned after each sync.
+    pub keep_acked: Duration,
 }
 
 impl SyncOptions {
@@ -66,9 +70,13 @@ impl Default for SyncOptions {
             ack_timeout: Duration::from_secs(30),
             tls_ca: None,
             acked_ops: None,
+            keep_acked: DEFAULT_KEEP_ACKED,
         }
     }
 }
+
+/// Acked ops are kept a week by default.
+pub const DEFAULT_KEEP_ACKED: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What a sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,6 +87,9 @@ pub struct SyncReport {
     pub duplicates: u64,
     /// The server's cursor in the last ack (0 if nothing was sent).
     pub cursor: u64,
+    /// Acked ops sent again because the server had lost them (its history changed, or it
+    /// answered a gap below batches it had acknowledged).
+    pub healed: u64,
 }
 
 /// States a ref is left in after a refusal no retry can fix.
@@ -114,21 +125,50 @@ pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<Syn
     let uri = SturdyUri::parse(&row.uri)?;
     let mut report = SyncReport::default();
     let mut failures = 0;
+    let mut history_checked = false;
     loop {
-        let batches = db
+        let (batches, client_id, kept) = db
             .call({
                 let (name, limits, chunk) = (name.to_owned(), options.batch_limits(), options.read_chunk());
                 move |db| {
                     db.form_batches(&name, limits)?;
-                    db.unacked_batches(&name, 0, chunk)
+                    // Read again each round: healing gives the ref a new client id.
+                    let client_id = db.ref_row(&name)?.map(|r| r.client_id).unwrap_or_default();
+                    Ok((db.unacked_batches(&name, 0, chunk)?, client_id, db.counts(&name)?.acked))
                 }
             })
             .await?;
         if batches.is_empty() {
+            // Nothing queued, but acked ops kept: a server restored meanwhile may lack them.
+            if !history_checked && kept > 0 && report.batches == 0 {
+                history_checked = true;
+                match history_changed(db, name, &uri, options).await {
+                    Ok(Some(history)) => {
+                        heal(db, name, Some(history), "the server's history changed (restored from a backup)", &mut report).await?;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    // Nothing is queued: an unreachable server is no failure of this sync.
+                    Err(err) => debug!(ref_name = name, error = %err, "could not check the server's history"),
+                }
+            }
+            prune(db, name, options).await?;
             return Ok(report);
         }
         let before = report.batches;
-        match round(db, name, &uri, &row.client_id, batches, options, &mut report).await {
+        let outcome = match round(db, name, &uri, &client_id, batches, options, &mut report).await {
+            Ok(RoundEnd::Done) => Ok(()),
+            Ok(RoundEnd::HistoryChanged(history)) => {
+                heal(db, name, Some(history), "the server's history changed (restored from a backup)", &mut report).await?;
+                continue;
+            }
+            Err(err) if err.marker() == Some(Marker::Gap) && server_is_behind(db, name, &err).await? => {
+                heal(db, name, None, "the server is behind batches it acknowledged", &mut report).await?;
+                continue;
+            }
+            Err(err) => Err(err),
+        };
+        match outcome {
             Ok(()) => failures = 0,
             Err(err) => {
                 if let Some(state) = err.marker().and_then(terminal_state) {
@@ -154,6 +194,70 @@ pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<Syn
             }
         }
     }
+}
+
+/// How a round ended when it did not fail.
+enum RoundEnd {
+    Done,
+    /// The grant named another history than the ref saw before: the server was restored.
+    HistoryChanged(String),
+}
+
+/// Re-queues every op of `name` the client still holds under a new client id (see
+/// [`ClientDb::heal`](capsync_persistence::client::ClientDb::heal)).
+async fn heal(db: &Db, name: &str, history: Option<String>, why: &'static str, report: &mut SyncReport) -> Result<()> {
+    let n = name.to_owned();
+    let client_id: [u8; 16] = rand::random();
+    let healed = db.call(move |db| db.heal(&n, client_id, history.as_deref())).await?;
+    warn!(ref_name = name, ops = healed, why, "re-delivering the ops this client still holds");
+    report.healed += healed;
+    Ok(())
+}
+
+/// Redeems the ref's token only to read the server's history id; `Some` if it changed.
+async fn history_changed(db: &Db, name: &str, uri: &SturdyUri, options: &SyncOptions) -> Result<Option<String>> {
+    let conn = tokio::time::timeout(options.connect_timeout, Connection::connect(uri, options.tls_ca.as_deref()))
+        .await
+        .map_err(|_| ClientError::Connect {
+            address: uri.address.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        })??;
+    let (_session, grant) = conn.session(&uri.token);
+    let grant = tokio::time::timeout(options.ack_timeout, grant)
+        .await
+        .map_err(|_| ClientError::Rpc(capnp::Error::disconnected("no answer to redeem".into())))??;
+    conn.close().await;
+    let (n, history) = (name.to_owned(), grant.history.clone());
+    Ok(db.call(move |db| db.note_history(&n, &history)).await?.then_some(grant.history))
+}
+
+/// Whether a `capsync/gap` says the server expects a batchSeq at or below one it already
+/// acknowledged: it lost acknowledged batches (an older copy of its database), and resending
+/// the unacked ones can never close the gap.
+async fn server_is_behind(db: &Db, name: &str, err: &ClientError) -> Result<bool> {
+    let Some(expected) = expected_batch_seq(&err.to_string()) else { return Ok(false) };
+    let n = name.to_owned();
+    let acked = db.call(move |db| db.last_acked_batch(&n)).await?;
+    Ok(expected <= acked)
+}
+
+/// The batchSeq a `capsync/gap` error says the server expects ("... the next expected is N").
+fn expected_batch_seq(message: &str) -> Option<u64> {
+    let rest = &message[message.find("next expected is ")? + "next expected is ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+async fn prune(db: &Db, name: &str, options: &SyncOptions) -> Result<()> {
+    let cutoff = (std::time::SystemTime::now() - options.keep_acked)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let n = name.to_owned();
+    let pruned = db.call(move |db| db.prune_acked(&n, cutoff)).await?;
+    if pruned > 0 {
+        debug!(ref_name = name, pruned, "pruned acked ops past the keep time");
+    }
+    Ok(())
 }
 
 enum Progress {
@@ -266,7 +370,7 @@ async fn round(
     batches: Vec<FormedBatch>,
     options: &SyncOptions,
     report: &mut SyncReport,
-) -> Result<()> {
+) -> Result<RoundEnd> {
     let conn = tokio::time::timeout(options.connect_timeout, Connection::connect(uri, options.tls_ca.as_deref()))
         .await
         .map_err(|_| ClientError::Connect {
@@ -330,12 +434,19 @@ async fn round(
     drop(progress);
     // Whatever happened on the wire, every ack received is recorded before the round ends.
     recorder.await.map_err(|_| capsync_persistence::StorageError::Stopped)??;
-    outcome?;
-    if let Ok(grant) = grant.await {
+    // The grant is looked at whatever happened to the batches: on a restored server they may
+    // well have failed (a gap), and the history tells why.
+    if let Ok(Ok(grant)) = tokio::time::timeout(options.ack_timeout, grant).await {
+        let (n, history) = (name.to_owned(), grant.history.clone());
+        if db.call(move |db| db.note_history(&n, &history)).await? {
+            conn.close().await;
+            return Ok(RoundEnd::HistoryChanged(grant.history));
+        }
         let (n, id) = (name.to_owned(), grant.session_id);
         db.call(move |db| db.set_session_id(&n, &id)).await?;
     }
+    outcome?;
     info!(ref_name = name, batches = report.batches, "sync round done");
     conn.close().await;
-    Ok(())
+    Ok(RoundEnd::Done)
 }

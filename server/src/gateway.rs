@@ -103,7 +103,7 @@ impl gateway::Server for GatewayImpl {
             debug!(kind = access.kind.name(), id = %access.id, "redeemed");
             let mut out = results.get();
             let mut grant = out.reborrow().init_grant();
-            fill_grant(grant.reborrow(), &access);
+            fill_grant(grant.reborrow(), &access, &self.conn.shared.store.history());
             let mut slot = grant.init_cap();
             // The same object again outside the union, where every implementation can pipeline.
             match cap {
@@ -126,7 +126,8 @@ impl gateway::Server for GatewayImpl {
     }
 }
 
-fn fill_grant(mut grant: grant::Builder<'_>, access: &Access) {
+fn fill_grant(mut grant: grant::Builder<'_>, access: &Access, history: &str) {
+    grant.set_history(history);
     grant.set_kind(access.kind.name());
     grant.set_id(access.id.as_str());
     grant.set_session_id(access.session_id.as_str());

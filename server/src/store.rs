@@ -61,6 +61,9 @@ pub fn detach(what: &'static str, write: Fut<()>) {
 }
 
 pub trait Store {
+    /// Which copy of history this store holds (see `capsync_persistence::server::history`):
+    /// sent with every grant.
+    fn history(&self) -> String;
     fn resolve_token(&self, hash: [u8; 32]) -> Fut<Option<Resolution>>;
     /// Records a redeem: the token's `last_used_at` and an audit row.
     fn record_redeem(&self, hash: [u8; 32], event: AuditEvent) -> Fut<()>;
@@ -111,6 +114,7 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct SqliteStore {
+    history: String,
     writer: Mutex<Writer>,
     readers: Mutex<Option<Readers<ServerReader>>>,
 }
@@ -120,8 +124,10 @@ impl SqliteStore {
     pub fn open(data_dir: &Path, reader_threads: usize, observer: Option<GroupObserver>) -> Result<SqliteStore> {
         let path = data_dir.join("capsync.db");
         let conn = server::open(&path)?;
+        let history = server::history(&conn)?;
         let readers = Readers::start("capsync", reader_threads, || ServerReader::open(&path))?;
         Ok(SqliteStore {
+            history,
             writer: Mutex::new(Writer::start_observed("capsync", conn, observer)),
             readers: Mutex::new(Some(readers)),
         })
@@ -213,6 +219,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn history(&self) -> String {
+        self.history.clone()
+    }
+
     fn resolve_token(&self, hash: [u8; 32]) -> Fut<Option<Resolution>> {
         self.read(move |reader| {
             let Some(token) = reader.token(&hash)? else { return Ok(None) };

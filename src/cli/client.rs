@@ -17,6 +17,11 @@ pub struct OutboxArg {
     /// else ~/.local/share/capsync/outbox.db.
     #[arg(long, env = "CAPSYNC_OUTBOX", value_name = "PATH")]
     outbox: Option<PathBuf>,
+    /// How long acked ops stay in the outbox after their ack (90s, 30m, 12h, 7d): while kept,
+    /// they are re-delivered to a server restored from an older backup. Older ones are pruned
+    /// after each sync.
+    #[arg(long, env = "CAPSYNC_KEEP_ACKED", default_value = "7d", value_parser = super::parse_duration, value_name = "DURATION")]
+    keep_acked: u64,
     #[command(flatten)]
     tls: super::TlsArg,
 }
@@ -36,7 +41,11 @@ impl OutboxArg {
     fn open(&self) -> anyhow::Result<Client> {
         let path = self.path()?;
         let client = Client::open(&path).with_context(|| format!("opening the outbox {}", path.display()))?;
-        let options = capsync_client::SyncOptions { tls_ca: self.tls.tls_ca.clone(), ..client.options().clone() };
+        let options = capsync_client::SyncOptions {
+            tls_ca: self.tls.tls_ca.clone(),
+            keep_acked: Duration::from_secs(self.keep_acked),
+            ..client.options().clone()
+        };
         Ok(client.with_options(options))
     }
 }
@@ -238,18 +247,27 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
     let client = args.outbox.open()?;
     if !args.follow {
         let mut failed = Vec::new();
-        let (mut ops, mut duplicates) = (0, 0);
-        for name in client.refs_with_work()? {
-            match client.sync(&name).await {
+        let (mut ops, mut duplicates, mut healed) = (0, 0, 0);
+        // Every usable ref, not only those with queued ops: one whose acked ops are kept checks
+        // that its server still has them (a server restored from a backup may not).
+        for status in client.status()? {
+            if !matches!(status.state.as_str(), "ok" | "unreachable") {
+                continue;
+            }
+            match client.sync(&status.name).await {
                 Ok(report) => {
                     ops += report.ops;
                     duplicates += report.duplicates;
+                    healed += report.healed;
                 }
-                Err(err) => failed.push(format!("{name}: {err}")),
+                Err(err) => failed.push(format!("{}: {err}", status.name)),
             }
         }
         if !failed.is_empty() {
             bail!("{}", failed.join("; "));
+        }
+        if healed > 0 {
+            println!("re-delivered {healed} acked ops to a server that had lost them (restored from a backup)");
         }
         println!("synced {ops} ops ({duplicates} already applied); the outbox is drained");
         return Ok(ExitCode::SUCCESS);
@@ -307,7 +325,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         let refs: Vec<_> = refs.iter().map(status_json).collect();
         println!("{}", json!({ "refs": refs }));
     } else {
-        println!("{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  URI", "NAME", "STATE", "PENDING", "SENT", "ACKED", "REJECTED", "CONFLICT", "CURSOR");
+        println!("{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  URI", "NAME", "STATE", "PENDING", "SENT", "KEPT", "REJECTED", "CONFLICT", "CURSOR");
         for s in &refs {
             println!(
                 "{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {}",
@@ -315,6 +333,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             );
             if !s.last_error.is_empty() {
                 println!("{:<18}  last error: {}", "", s.last_error);
+            }
+            if s.healed > 0 {
+                println!("{:<18}  re-delivered {} acked ops to a server that had lost them (restored from a backup)", "", s.healed);
             }
         }
     }
@@ -334,6 +355,7 @@ fn status_json(s: &RefStatus) -> serde_json::Value {
         "conflict": s.counts.conflict,
         "cursor": s.cursor,
         "last_error": s.last_error,
+        "healed": s.healed,
     })
 }
 

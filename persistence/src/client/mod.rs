@@ -25,6 +25,10 @@ pub struct RefRow {
     pub state: String,
     pub last_error: String,
     pub ack_cursor: u64,
+    /// The server's history id in the latest grant ('' before the first).
+    pub history: String,
+    /// Ops re-delivered because the server had lost them (its history changed).
+    pub healed: u64,
 }
 
 impl std::fmt::Debug for RefRow {
@@ -128,13 +132,13 @@ impl ClientDb {
     }
 
     pub fn refs(&self) -> Result<Vec<RefRow>, StorageError> {
-        self.query_refs("SELECT name, uri, client_id, session_id, state, last_error, ack_cursor FROM refs ORDER BY name", None)
+        self.query_refs("SELECT name, uri, client_id, session_id, state, last_error, ack_cursor, history, healed FROM refs ORDER BY name", None)
     }
 
     pub fn ref_row(&self, name: &str) -> Result<Option<RefRow>, StorageError> {
         Ok(self
             .query_refs(
-                "SELECT name, uri, client_id, session_id, state, last_error, ack_cursor FROM refs WHERE name = ?1",
+                "SELECT name, uri, client_id, session_id, state, last_error, ack_cursor, history, healed FROM refs WHERE name = ?1",
                 Some(name),
             )?
             .pop())
@@ -160,6 +164,8 @@ impl ClientDb {
                 state: r.get(4)?,
                 last_error: r.get(5)?,
                 ack_cursor: r.get::<_, i64>(6)? as u64,
+                history: r.get(7)?,
+                healed: r.get::<_, i64>(8)? as u64,
             })
         };
         let rows = match name {
@@ -355,10 +361,10 @@ impl ClientDb {
                     OpStatus::Rejected => "rejected",
                 };
                 tx.prepare_cached(
-                    "UPDATE outbox SET state = ?3, ack_seq = ?4, last_error = ?5, attempts = attempts + ?6
+                    "UPDATE outbox SET state = ?3, ack_seq = ?4, last_error = ?5, attempts = attempts + ?6, acked_at = ?7
                      WHERE op_id = ?1 AND ref_name = ?2",
                 )?
-                .execute(params![&r.op_id, name, state, r.seq as i64, r.reason, attempt])?;
+                .execute(params![&r.op_id, name, state, r.seq as i64, r.reason, attempt, now_ms() as i64])?;
             }
         }
         tx.prepare_cached("UPDATE batches SET acked = 1 WHERE ref_name = ?1 AND batch_seq = ?2")?
@@ -388,11 +394,65 @@ impl ClientDb {
             return Ok(false);
         }
         tx.prepare_cached(
-            "UPDATE outbox SET state = 'acked', ack_seq = ?3 + (seq - ?4), last_error = '', attempts = attempts + ?5
+            "UPDATE outbox SET state = 'acked', ack_seq = ?3 + (seq - ?4), last_error = '', attempts = attempts + ?5,
+                               acked_at = ?6
              WHERE ref_name = ?1 AND batch_seq = ?2",
         )?
-        .execute(params![name, ack.batch_seq as i64, first.seq as i64, low, attempt])?;
+        .execute(params![name, ack.batch_seq as i64, first.seq as i64, low, attempt, now_ms() as i64])?;
         Ok(true)
+    }
+
+    /// Records the server history id a grant carried. Returns whether it differs from the one
+    /// seen before (never on the first: there is nothing to compare with).
+    pub fn note_history(&self, name: &str, history: &str) -> Result<bool, StorageError> {
+        let seen: String = self.conn.query_row("SELECT history FROM refs WHERE name = ?1", [name], |r| r.get(0))?;
+        if seen.is_empty() && !history.is_empty() {
+            self.conn.execute("UPDATE refs SET history = ?2 WHERE name = ?1", params![name, history])?;
+        }
+        Ok(!seen.is_empty() && !history.is_empty() && seen != history)
+    }
+
+    /// Heals a server that lost acknowledged ops (restored from a backup): every op of `name`
+    /// still kept (acked, sent or pending) goes back to the queue, in the order it was made,
+    /// to be re-batched under `new_client_id` from batchSeq 1 (the server's record of the old
+    /// client id's batches no longer matches the client's). The server dedupes by opId, so an
+    /// op it still has answers `duplicate` and one it lost is applied: nothing twice. Rejected
+    /// and conflicting ops stay out of it. `history` (if given) becomes the ref's. Returns how
+    /// many acked ops go out again.
+    pub fn heal(&self, name: &str, new_client_id: Id16, history: Option<&str>) -> Result<u64, StorageError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let acked: i64 = tx.query_row("SELECT count(*) FROM outbox WHERE ref_name = ?1 AND state = 'acked'", [name], |r| r.get(0))?;
+        tx.execute(
+            "UPDATE outbox SET state = 'pending', batch_seq = NULL WHERE ref_name = ?1 AND state IN ('acked', 'sent', 'pending')",
+            [name],
+        )?;
+        // Batch 0 is never formed: these rows stay out of every batch from now on.
+        tx.execute("UPDATE outbox SET batch_seq = 0 WHERE ref_name = ?1 AND state IN ('rejected', 'conflict')", [name])?;
+        tx.execute("DELETE FROM batches WHERE ref_name = ?1", [name])?;
+        tx.execute(
+            "UPDATE refs SET client_id = ?2, next_batch_seq = 1, healed = healed + ?3, history = coalesce(?4, history)
+             WHERE name = ?1",
+            params![name, &new_client_id[..], acked, history],
+        )?;
+        tx.commit()?;
+        Ok(acked as u64)
+    }
+
+    /// The highest batchSeq of `name` the server has acknowledged (0 if none).
+    pub fn last_acked_batch(&self, name: &str) -> Result<u64, StorageError> {
+        Ok(self
+            .conn
+            .query_row("SELECT coalesce(max(batch_seq), 0) FROM batches WHERE ref_name = ?1 AND acked = 1", [name], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Forgets acked ops of `name` acknowledged before `cutoff_ms` (they can no longer heal a
+    /// restored server). Returns how many were removed.
+    pub fn prune_acked(&self, name: &str, cutoff_ms: u64) -> Result<u64, StorageError> {
+        Ok(self.conn.execute(
+            "DELETE FROM outbox WHERE ref_name = ?1 AND state = 'acked' AND acked_at < ?2",
+            params![name, cutoff_ms as i64],
+        )? as u64)
     }
 
     pub fn counts(&self, name: &str) -> Result<OpCounts, StorageError> {

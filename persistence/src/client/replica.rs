@@ -75,6 +75,30 @@ impl ClientDb {
         Ok(cursor)
     }
 
+    /// The server history id the replica was pulled from ('' if unknown).
+    pub fn replica_history(&self, name: &str) -> Result<String, StorageError> {
+        Ok(self
+            .conn
+            .query_row("SELECT history FROM replica_state WHERE ref_name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    pub fn set_replica_history(&self, name: &str, history: &str) -> Result<(), StorageError> {
+        self.conn.execute("UPDATE replica_state SET history = ?2 WHERE ref_name = ?1", params![name, history])?;
+        Ok(())
+    }
+
+    /// Drops the replica of `name`, so the next pull starts from a snapshot: for a server whose
+    /// seqs no longer mean what the replica applied (restored from a backup).
+    pub fn reset_replica(&self, name: &str) -> Result<(), StorageError> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM replica_entities WHERE ref_name = ?1", [name])?;
+        tx.execute("DELETE FROM replica_state WHERE ref_name = ?1", [name])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The replica's entities ordered by (kind, id).
     pub fn replica_entities(&self, name: &str) -> Result<Vec<Entity>, StorageError> {
         let rows = self

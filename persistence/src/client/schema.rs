@@ -2,7 +2,15 @@
 
 use crate::migrate::SchemaPlan;
 
-pub const PLAN: SchemaPlan = SchemaPlan { name: "client", current_version: 1, create: &[CREATE_V1], upgrades: &[] };
+pub const PLAN: SchemaPlan = SchemaPlan {
+    name: "client",
+    current_version: 2,
+    create: &[CREATE_V1, HISTORY],
+    upgrades: &[(1, &[HISTORY, HISTORY_BACKFILL])],
+};
+
+/// The first released schema, kept so the migration test can start from it.
+pub const FIRST: &[&str] = &[CREATE_V1];
 
 const CREATE_V1: &str = r#"
 -- A sturdy URI attached under a name. The URI is a secret: the file is created 0600.
@@ -60,3 +68,17 @@ CREATE TABLE replica_entities (
 );
 CREATE INDEX replica_parts ON replica_entities(ref_name, parent_id) WHERE kind = 2;
 "#;
+
+/// Version 2: which copy of the server's history each ref and replica last saw (see
+/// `ClientDb::heal`), how many ops a ref re-delivered after it changed, and when each op was
+/// acknowledged (acked ops are kept for a while so a restored server can be healed).
+const HISTORY: &str = r#"
+ALTER TABLE refs ADD COLUMN history TEXT NOT NULL DEFAULT '';
+ALTER TABLE refs ADD COLUMN healed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN acked_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replica_state ADD COLUMN history TEXT NOT NULL DEFAULT '';
+"#;
+
+/// Ops acked before version 2 count as acked at the upgrade: kept for the whole keep time.
+const HISTORY_BACKFILL: &str =
+    "UPDATE outbox SET acked_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000 WHERE state = 'acked';";

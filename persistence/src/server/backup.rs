@@ -3,7 +3,8 @@
 //! A backup is `VACUUM INTO` on a read-only connection: it reads one WAL snapshot, so the copy
 //! holds exactly the transactions committed when it started (never half a batch), compacted
 //! into one self-contained file, while the server goes on committing. Restoring checks the
-//! file (integrity, a schema this build knows) before it becomes a data dir's `capsync.db`.
+//! file (integrity, a schema this build knows) before it becomes a data dir's `capsync.db`, and
+//! gives the restored database a new history id.
 
 use super::schema;
 use crate::StorageError;
@@ -72,6 +73,16 @@ pub fn restore(from: &Path, db: &Path) -> Result<BackupInfo, StorageError> {
         let conn = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         let target = db.to_str().ok_or_else(|| StorageError::Sqlite(format!("{} is not a UTF-8 path", db.display())))?;
         conn.execute("VACUUM INTO ?1", [target])?;
+        // A restored server is another copy of history: clients that saw the original must
+        // notice and re-deliver what it lost. (A backup older than the history table gets
+        // its id from the migration on first start, different from the original's too.)
+        let restored = Connection::open(db)?;
+        let has_history: bool =
+            restored.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'history'", [], |r| r.get(0))?;
+        if has_history {
+            restored.execute("UPDATE history SET history = lower(hex(randomblob(16)))", [])?;
+        }
+        drop(restored);
         inspect(db)
     })();
     if copied.is_err() {

@@ -124,6 +124,11 @@ pub fn open(path: &Path) -> Result<Connection, StorageError> {
     Ok(conn)
 }
 
+/// The database's history id (see the `history` table in [`schema`]).
+pub fn history(conn: &Connection) -> Result<String, StorageError> {
+    Ok(conn.query_row("SELECT history FROM history WHERE id = 1", [], |r| r.get(0))?)
+}
+
 /// Creates the database file 0600 (or narrows an existing one, and its WAL and shared-memory
 /// files, to 0600), so it is private whatever the directory's mode. SQLite gives the WAL and
 /// shared-memory files it creates the main file's mode.

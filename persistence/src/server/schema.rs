@@ -1,15 +1,15 @@
 //! The server database's schema and its upgrades.
 //!
 //! Version 1 had sessions, shares, tokens and the op log; version 2 added `tokens.last_used_at`
-//! and the audit table.
+//! and the audit table; version 3 the history id.
 
 use crate::migrate::SchemaPlan;
 
 pub const PLAN: SchemaPlan = SchemaPlan {
     name: "server",
-    current_version: 2,
-    create: &[CORE, TOKENS, AUDIT],
-    upgrades: &[(1, &[ADD_TOKEN_LAST_USED, AUDIT])],
+    current_version: 3,
+    create: &[CORE, TOKENS, AUDIT, HISTORY],
+    upgrades: &[(1, &[ADD_TOKEN_LAST_USED, AUDIT]), (2, &[HISTORY])],
 };
 
 /// The first released schema, kept so the migration test can start from it.
@@ -131,4 +131,15 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+"#;
+
+/// Which copy of history this database is: a random id made with the database and made again
+/// by `capsync restore`. Clients see it in every grant; when it changes, the server went back
+/// in time, and they re-deliver what it lost.
+const HISTORY: &str = r#"
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    history TEXT NOT NULL
+);
+INSERT INTO history (id, history) VALUES (1, lower(hex(randomblob(16))));
 "#;
