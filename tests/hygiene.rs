@@ -19,10 +19,17 @@ fn no_flow_logs_prints_or_audits_a_token() {
 #[test]
 fn no_flow_logs_a_token_in_json_logs_either() {
     let server_log = flows("json");
+    let mut calls = 0;
     for line in server_log.lines().filter(|l| !l.trim().is_empty()) {
         let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
         assert!(event["level"].is_string() && event["fields"].is_object(), "a tracing JSON event: {line}");
+        let fields = &event["fields"];
+        if fields["message"] == "call" {
+            assert!(fields["method"].is_string() && fields["marker"].is_string() && fields["duration_ms"].is_number(), "{line}");
+            calls += 1;
+        }
     }
+    assert!(calls > 10, "every call is logged with method, marker and duration_ms");
 }
 
 /// Runs every flow with logs in `format`; returns the server's log.

@@ -94,7 +94,15 @@ impl CallGuard {
     /// call's method name.
     pub async fn observe(self, body: impl std::future::Future<Output = Result<(), capnp::Error>>) -> Result<(), capnp::Error> {
         let outcome = body.await;
-        self.conn.shared.metrics.call(self.method, outcome.as_ref().err(), self.started.elapsed());
+        let took = self.started.elapsed();
+        self.conn.shared.metrics.call(self.method, outcome.as_ref().err(), took);
+        // One line per call with the stable field names a log system indexes (see
+        // docs/OPERATIONS.md): method, marker ("ok" or the capsync/... marker), duration_ms.
+        let marker = match &outcome {
+            Ok(()) => "ok",
+            Err(err) => capsync_schema::marker::of_error(err).map_or("other", |m| m.as_str()),
+        };
+        tracing::debug!(peer = %self.conn.peer, method = self.method, marker, duration_ms = took.as_secs_f64() * 1000.0, "call");
         outcome
     }
 }
