@@ -1,0 +1,324 @@
+//! Applying a batch: dedupe, replay, gap and divergence detection (DESIGN §5), the same rules
+//! as the SQLite store's `persistence/src/server/append.rs`, in one PostgreSQL transaction.
+//!
+//! Round trips are kept few: the reads a batch needs (the session lock and the guard, then the
+//! client's last batchSeq, which of its opIds were seen before, which parent messages exist)
+//! are pipelined, the per-op decisions are made in memory, and the writes are pipelined in op
+//! order (tokio-postgres sends requests in the order their futures are first polled, and the
+//! server runs them in that order).
+
+use crate::{check_guard, Appended, GuardLink, PgError, Txn};
+use capsync_model::{BatchAck, EntityKind, IncomingBatch, LoggedOp, Op, OpBody, OpOutcome, OpStatus};
+use std::collections::{HashMap, HashSet};
+use tokio_postgres::types::ToSql;
+
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+pub(crate) async fn append(
+    tx: &Txn<'_>,
+    sid: i64,
+    session_id: &str,
+    batch: &IncomingBatch,
+    guard: &[GuardLink],
+) -> Result<Appended, PgError> {
+    // The session lock serialises the appends of this session on every node; it is taken
+    // before any other row lock, so lock order is always session, then shares.
+    let lock = tx.prepare_cached("SELECT id, epoch, cursor FROM sessions WHERE sid = $1 FOR UPDATE").await?;
+    let row =
+        tx.query_opt(&lock, &[&sid]).await?.ok_or_else(|| PgError::Other(format!("no session with sid {sid}")))?;
+    let (locked_id, epoch, mut cursor): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    check_guard(tx, guard, Some((&locked_id, epoch as u64))).await?;
+
+    if batch.batch_seq == 0 {
+        return Err(PgError::ZeroBatchSeq);
+    }
+    let client_id = &batch.client_id[..];
+    let op_ids = encode_op_ids(batch);
+    let batch_seq = batch.batch_seq as i64;
+
+    // What the per-op decisions need, in one pipelined round trip.
+    let seen_ids: Vec<&[u8]> = batch.ops.iter().filter(|op| op.body.is_ok()).map(|op| &op.op_id[..]).collect();
+    let parents: Vec<&str> = batch
+        .ops
+        .iter()
+        .filter_map(|op| match &op.body {
+            Ok(OpBody::Put(e)) if e.kind == EntityKind::Part && !e.parent_id.contains('\0') => {
+                Some(e.parent_id.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    let last_stmt = tx
+        .prepare_cached("SELECT coalesce(max(batch_seq), 0) FROM client_batches WHERE sid = $1 AND client_id = $2")
+        .await?;
+    let seen_stmt =
+        tx.prepare_cached("SELECT op_id, payload_hash, seq FROM ops WHERE sid = $1 AND op_id = ANY($2)").await?;
+    let parents_stmt =
+        tx.prepare_cached("SELECT id FROM entities WHERE sid = $1 AND kind = $2 AND id = ANY($3)").await?;
+    let message_kind = EntityKind::Message.code() as i16;
+    let (last_params, seen_params, parents_params): ([Param<'_>; 2], [Param<'_>; 2], [Param<'_>; 3]) =
+        ([&sid, &client_id], [&sid, &seen_ids], [&sid, &message_kind, &parents]);
+    let (last, seen_rows, parent_rows) = futures::try_join!(
+        tx.query_one(&last_stmt, &last_params),
+        tx.query(&seen_stmt, &seen_params),
+        tx.query(&parents_stmt, &parents_params),
+    )?;
+    let last = last.get::<_, i64>(0) as u64;
+    if batch.batch_seq <= last {
+        return replay(tx, sid, batch, &op_ids, cursor as u64).await;
+    }
+    if batch.batch_seq > last + 1 {
+        return Err(PgError::Gap { got: batch.batch_seq, expected: last + 1 });
+    }
+
+    // opId -> (payload hash, seq), kept up to date as ops of this batch apply, so a repeated
+    // opId inside one batch answers as it would in a later one.
+    let mut seen: HashMap<Vec<u8>, (Vec<u8>, u64)> = seen_rows
+        .iter()
+        .map(|r| (r.get::<_, Vec<u8>>(0), (r.get::<_, Vec<u8>>(1), r.get::<_, i64>(2) as u64)))
+        .collect();
+    // Which messages exist, as of the op being decided: the database's answer, then this
+    // batch's puts and deletes of messages.
+    let mut messages: HashSet<String> = parent_rows.iter().map(|r| r.get::<_, String>(0)).collect();
+
+    let mut results = Vec::with_capacity(batch.ops.len());
+    let mut applied: Vec<Applied<'_>> = Vec::new();
+    for op in &batch.ops {
+        let outcome =
+            |status, seq, reason: &str| OpOutcome { op_id: op.op_id.clone(), status, seq, reason: reason.to_owned() };
+        let body = match &op.body {
+            Ok(body) => body,
+            Err(reason) => {
+                results.push(outcome(OpStatus::Rejected, 0, reason));
+                continue;
+            }
+        };
+        let hash = body.payload_hash();
+        if let Some((seen_hash, seen_seq)) = seen.get(&op.op_id) {
+            results.push(if seen_hash[..] == hash[..] {
+                outcome(OpStatus::Duplicate, *seen_seq, "")
+            } else {
+                outcome(OpStatus::Conflict, 0, "this opId was applied before with a different payload")
+            });
+            continue;
+        }
+        if let Some(reason) = refuse(session_id, body, &messages) {
+            results.push(outcome(OpStatus::Rejected, 0, reason));
+            continue;
+        }
+        cursor += 1;
+        let seq = cursor as u64;
+        seen.insert(op.op_id.clone(), (hash.to_vec(), seq));
+        match body {
+            OpBody::Put(e) if e.kind == EntityKind::Message => {
+                messages.insert(e.id.clone());
+            }
+            OpBody::Delete { kind: EntityKind::Message, id } => {
+                messages.remove(id);
+            }
+            _ => {}
+        }
+        applied.push(Applied { seq: cursor, op_id: &op.op_id, body, hash });
+        results.push(outcome(OpStatus::Applied, seq, ""));
+    }
+
+    write_ops(tx, sid, &applied).await?;
+    let results_blob = encode_results(&results);
+    let cursor_stmt = tx.prepare_cached("UPDATE sessions SET cursor = $2 WHERE sid = $1").await?;
+    let batch_stmt = tx
+        .prepare_cached(
+            "INSERT INTO client_batches (sid, client_id, batch_seq, op_ids, results) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .await?;
+    let cursor_params: [Param<'_>; 2] = [&sid, &cursor];
+    let batch_params: [Param<'_>; 5] = [&sid, &client_id, &batch_seq, &op_ids, &results_blob];
+    futures::try_join!(tx.execute(&cursor_stmt, &cursor_params), tx.execute(&batch_stmt, &batch_params))?;
+
+    let logged = applied
+        .iter()
+        .filter_map(|a| {
+            Some(LoggedOp { seq: a.seq as u64, op: Op { op_id: a.op_id.try_into().ok()?, body: a.body.clone() } })
+        })
+        .collect();
+    Ok(Appended { ack: BatchAck { cursor: cursor as u64, batch_seq: batch.batch_seq, results }, applied: logged })
+}
+
+/// Why an op that is new cannot apply, if it cannot (the SQLite store's rules, plus U+0000,
+/// which PostgreSQL text cannot hold).
+fn refuse(session_id: &str, body: &OpBody, messages: &HashSet<String>) -> Option<&'static str> {
+    let parent = match body {
+        OpBody::Put(e) => e.parent_id.as_str(),
+        OpBody::Delete { .. } => "",
+    };
+    if body.entity_id().contains('\0') || parent.contains('\0') {
+        return Some("ids must not contain U+0000");
+    }
+    if let OpBody::Put(entity) = body {
+        if entity.kind == EntityKind::Session && entity.id != session_id {
+            return Some("a session entity's id must be the session id");
+        }
+        if entity.kind == EntityKind::Part && !messages.contains(&entity.parent_id) {
+            return Some("a part's parent must be an existing message");
+        }
+    }
+    None
+}
+
+/// An op this batch applies.
+struct Applied<'a> {
+    seq: i64,
+    op_id: &'a [u8],
+    body: &'a OpBody,
+    hash: [u8; 32],
+}
+
+/// Writes the applied ops: the log rows in one statement, then each op's effect on the current
+/// entities, pipelined in op order.
+async fn write_ops(tx: &Txn<'_>, sid: i64, applied: &[Applied<'_>]) -> Result<(), PgError> {
+    if applied.is_empty() {
+        return Ok(());
+    }
+    let log = tx
+        .prepare_cached(
+            "INSERT INTO ops (sid, seq, op_id, payload_hash, is_delete, kind, entity_id, parent_id, data)
+             SELECT $1, * FROM unnest($2::bigint[], $3::bytea[], $4::bytea[], $5::boolean[], $6::smallint[],
+                                      $7::text[], $8::text[], $9::bytea[])",
+        )
+        .await?;
+    let put = tx
+        .prepare_cached(
+            "INSERT INTO entities (sid, kind, id, parent_id, data, seq) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (sid, kind, id) DO UPDATE
+             SET parent_id = excluded.parent_id, data = excluded.data, seq = excluded.seq",
+        )
+        .await?;
+    let delete = tx.prepare_cached("DELETE FROM entities WHERE sid = $1 AND kind = $2 AND id = $3").await?;
+    // A message takes its parts with it; replicas apply the same rule.
+    let delete_message = tx
+        .prepare_cached(
+            "DELETE FROM entities WHERE sid = $1 AND ((kind = $2 AND id = $3) OR (kind = $4 AND parent_id = $3))",
+        )
+        .await?;
+
+    let seqs: Vec<i64> = applied.iter().map(|a| a.seq).collect();
+    let op_ids: Vec<&[u8]> = applied.iter().map(|a| a.op_id).collect();
+    let hashes: Vec<&[u8]> = applied.iter().map(|a| &a.hash[..]).collect();
+    let deletes: Vec<bool> = applied.iter().map(|a| matches!(a.body, OpBody::Delete { .. })).collect();
+    let kinds: Vec<i16> = applied.iter().map(|a| a.body.kind().code() as i16).collect();
+    let ids: Vec<&str> = applied.iter().map(|a| a.body.entity_id()).collect();
+    let parents: Vec<&str> = applied
+        .iter()
+        .map(|a| match a.body {
+            OpBody::Put(e) => e.parent_id.as_str(),
+            OpBody::Delete { .. } => "",
+        })
+        .collect();
+    let datas: Vec<&[u8]> = applied
+        .iter()
+        .map(|a| match a.body {
+            OpBody::Put(e) => &e.data[..],
+            OpBody::Delete { .. } => &[][..],
+        })
+        .collect();
+    let part_kind = EntityKind::Part.code() as i16;
+
+    let params: Vec<(&tokio_postgres::Statement, Vec<Param<'_>>)> = applied
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match a.body {
+            OpBody::Put(_) => (&put, vec![&sid as Param<'_>, &kinds[i], &ids[i], &parents[i], &datas[i], &seqs[i]]),
+            OpBody::Delete { kind: EntityKind::Message, .. } => {
+                (&delete_message, vec![&sid as Param<'_>, &kinds[i], &ids[i], &part_kind])
+            }
+            OpBody::Delete { .. } => (&delete, vec![&sid as Param<'_>, &kinds[i], &ids[i]]),
+        })
+        .collect();
+    let log_params: [Param<'_>; 9] = [&sid, &seqs, &op_ids, &hashes, &deletes, &kinds, &ids, &parents, &datas];
+    let log_write = tx.execute(&log, &log_params);
+    let entity_writes = futures::future::try_join_all(params.iter().map(|(stmt, p)| tx.execute(*stmt, p)));
+    futures::try_join!(log_write, entity_writes)?;
+    Ok(())
+}
+
+async fn replay(
+    tx: &Txn<'_>,
+    sid: i64,
+    batch: &IncomingBatch,
+    op_ids: &[u8],
+    cursor: u64,
+) -> Result<Appended, PgError> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT op_ids, results FROM client_batches WHERE sid = $1 AND client_id = $2 AND batch_seq = $3",
+        )
+        .await?;
+    let row = tx
+        .query_opt(&stmt, &[&sid, &&batch.client_id[..], &(batch.batch_seq as i64)])
+        .await?
+        .ok_or_else(|| PgError::Other(format!("batch {} of this client is missing", batch.batch_seq)))?;
+    let (stored_ids, stored_results): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+    if stored_ids != op_ids {
+        return Err(PgError::Diverged { batch_seq: batch.batch_seq });
+    }
+    let mut results =
+        decode_results(&stored_results).ok_or_else(|| PgError::Other("a stored batch result is corrupt".into()))?;
+    for (outcome, op) in results.iter_mut().zip(&batch.ops) {
+        outcome.op_id = op.op_id.clone();
+        if outcome.status == OpStatus::Applied {
+            outcome.status = OpStatus::Duplicate;
+        }
+    }
+    Ok(Appended { ack: BatchAck { cursor, batch_seq: batch.batch_seq, results }, applied: Vec::new() })
+}
+
+/// The batch's opIds as stored for replays: per op its length (u32 LE), then its bytes (ids of
+/// rejected ops may have any length, and the list must still compare exactly). The SQLite
+/// store's encoding.
+fn encode_op_ids(batch: &IncomingBatch) -> Vec<u8> {
+    batch
+        .ops
+        .iter()
+        .flat_map(|op| (op.op_id.len() as u32).to_le_bytes().into_iter().chain(op.op_id.iter().copied()))
+        .collect()
+}
+
+/// Results as stored for replays: per op, status (1 byte), seq (8), reason length (4), reason.
+/// The SQLite store's encoding.
+fn encode_results(results: &[OpOutcome]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(results.len() * 13);
+    for r in results {
+        out.push(r.status as u8);
+        out.extend_from_slice(&r.seq.to_le_bytes());
+        out.extend_from_slice(&(r.reason.len() as u32).to_le_bytes());
+        out.extend_from_slice(r.reason.as_bytes());
+    }
+    out
+}
+
+fn decode_results(mut bytes: &[u8]) -> Option<Vec<OpOutcome>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let status = OpStatus::from_code(*bytes.first()?)?;
+        let seq = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
+        let len = u32::from_le_bytes(bytes.get(9..13)?.try_into().ok()?) as usize;
+        let reason = String::from_utf8(bytes.get(13..13 + len)?.to_vec()).ok()?;
+        bytes = &bytes[13 + len..];
+        out.push(OpOutcome { op_id: Vec::new(), status, seq, reason });
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_round_trip() {
+        let results = vec![
+            OpOutcome { op_id: Vec::new(), status: OpStatus::Applied, seq: 7, reason: String::new() },
+            OpOutcome { op_id: Vec::new(), status: OpStatus::Rejected, seq: 0, reason: "nope ✓".into() },
+        ];
+        assert_eq!(decode_results(&encode_results(&results)), Some(results));
+        assert_eq!(decode_results(&[9]), None);
+    }
+}

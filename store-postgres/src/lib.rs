@@ -1,0 +1,934 @@
+//! capsync's server store on PostgreSQL (DESIGN §10): the reads and writes of the SQLite
+//! server store (`capsync-persistence`'s `server` module and the server's `SqliteStore`), async,
+//! over a `deadpool-postgres` pool of `tokio-postgres` connections.
+//!
+//! # What holds across nodes
+//!
+//! Several stateless servers may share one database. The guarantees of DESIGN §4–§7 are kept
+//! by the database, not by a process:
+//!
+//! - **Appends of one session are serialised, and seqs are commit-ordered with no gap.** An
+//!   append locks its session row `FOR UPDATE` first and updates the session's cursor in the
+//!   same transaction, so the next append of that session (on any node) waits for this one's
+//!   commit and then reads the new cursor. A reader that sees cursor C sees every op ≤ C.
+//! - **No write commits after a revocation's commit.** Every guarded write checks its epoch
+//!   chain ([`GuardLink`]) inside its transaction: the session row it has locked, the share
+//!   rows and the admin row read `FOR SHARE`. A revocation is an `UPDATE` of one of those
+//!   rows: if it committed first, the check reads the new epoch and the write fails with
+//!   [`PgError::Revoked`], changing nothing; if the write locked first, the revocation waits
+//!   for the write to commit, so the write precedes it.
+//! - **Dedupe and `batchSeq` are enforced by the database**: `UNIQUE (sid, op_id)` on the op
+//!   log and `PRIMARY KEY (sid, client_id, batch_seq)` on the stored batches, under the session
+//!   lock.
+//! - **No ack before its commit**: [`PgStore::append`] returns only after `COMMIT` returned
+//!   (PostgreSQL's default `synchronous_commit = on` flushes the WAL first). If the connection
+//!   drops during the commit the outcome is unknown and the error is
+//!   [`PgError::Unavailable`]; the client's replay of the same batch then answers exactly.
+//!   Dropping a write's future before it finishes rolls its transaction back, unless `COMMIT`
+//!   had already been sent, in which case it may have committed: the same unknown outcome.
+//!
+//! # What the caller does
+//!
+//! The store checks epochs; it does not check expiry or rights (the protocol layer does, as
+//! with SQLite). [`PgStore::append`] returns the ops it applied with their seqs; publishing
+//! them to live subscriptions and the LISTEN/NOTIFY fan-out of DESIGN §10 are not here yet.
+//!
+//! # Text
+//!
+//! PostgreSQL `TEXT` cannot hold U+0000, which SQLite can. An op whose entity id or parent id
+//! contains it is answered `rejected` (a poison op must never wedge a client's queue); a title,
+//! label or other text holding it fails its write with [`PgError::Other`], and audit text has
+//! it replaced by U+FFFD. Ids that are ordered (entities, sessions, shares) are stored
+//! `COLLATE "C"`, so pages come in byte order, as in SQLite, whatever the database's locale.
+
+mod append;
+pub mod migrate;
+
+pub use capsync_model as model;
+
+use capsync_model::{BatchAck, Entity, EntityKind, Id16, LoggedOp, Op, OpBody, Rights};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_postgres::{NoTls, Row};
+
+/// What a token refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    Admin,
+    Session,
+    Share,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Admin => "admin",
+            TargetKind::Session => "session",
+            TargetKind::Share => "share",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TargetKind> {
+        [TargetKind::Admin, TargetKind::Session, TargetKind::Share].into_iter().find(|k| k.name() == text)
+    }
+}
+
+/// A session as stored; the same fields as the SQLite store's `SessionRow`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    /// Internal row id; never leaves the server.
+    pub sid: i64,
+    pub id: String,
+    pub title: String,
+    pub epoch: u64,
+    pub cursor: u64,
+    pub created_at: u64,
+}
+
+/// A share as stored; the same fields as the SQLite store's `ShareRow`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareRow {
+    pub id: String,
+    pub sid: i64,
+    pub session_id: String,
+    pub parent_share_id: Option<String>,
+    /// The parent's (share's or session's) epoch when this share was minted.
+    pub parent_epoch: u64,
+    pub rights: Rights,
+    pub label: String,
+    pub epoch: u64,
+    pub created_at: u64,
+    /// Unix ms; 0 = never.
+    pub expires_at: u64,
+    /// Latest redeem of the share's token; 0 = never (filled by reads only).
+    pub last_used_at: u64,
+}
+
+/// A token as stored: the hash, never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub hash: [u8; 32],
+    pub target_kind: TargetKind,
+    pub target_id: String,
+    pub minted_epoch: u64,
+    pub rights: Rights,
+    pub parent: String,
+    pub label: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub last_used_at: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub action: String,
+    pub target_kind: String,
+    pub target_id: String,
+    pub session_id: String,
+    pub peer: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    pub id: u64,
+    pub at: u64,
+    pub event: AuditEvent,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub sessions: u64,
+    pub shares: u64,
+    pub ops: u64,
+}
+
+/// One page of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPage {
+    pub cursor: u64,
+    pub entities: Vec<Entity>,
+    pub more: bool,
+}
+
+/// A token with everything needed to judge it: the share chain from the target up (empty for
+/// session and admin tokens), the session, and the admin epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub token: TokenRow,
+    pub shares: Vec<ShareRow>,
+    pub session: Option<SessionRow>,
+    pub admin_epoch: Option<u64>,
+}
+
+/// An object on a capability's epoch chain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum GuardTarget {
+    Admin,
+    /// By session id (UUID text).
+    Session(String),
+    /// By share id.
+    Share(String),
+}
+
+/// One link of the epoch chain a write must still match: the object and the epoch the
+/// capability expects it at. A guard is the capability's whole chain (target first, then its
+/// parents up to the session); an empty guard checks nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardLink {
+    pub target: GuardTarget,
+    pub expected: u64,
+}
+
+impl GuardLink {
+    pub fn session(id: impl Into<String>, expected: u64) -> GuardLink {
+        GuardLink { target: GuardTarget::Session(id.into()), expected }
+    }
+
+    pub fn share(id: impl Into<String>, expected: u64) -> GuardLink {
+        GuardLink { target: GuardTarget::Share(id.into()), expected }
+    }
+
+    pub fn admin(expected: u64) -> GuardLink {
+        GuardLink { target: GuardTarget::Admin, expected }
+    }
+}
+
+/// What a committed append did: the ack, and the ops it applied now with their seqs (in seq
+/// order), for publishing to live subscriptions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub ack: BatchAck,
+    pub applied: Vec<LoggedOp>,
+}
+
+/// Errors of the PostgreSQL store. The first three are the SQLite store's `AppendError`s;
+/// [`PgError::Revoked`] is what a failed admission check gives there.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PgError {
+    /// `batchSeq` skips ahead of the client's last applied batch + 1.
+    #[error("batchSeq {got} skips ahead; the next expected is {expected}")]
+    Gap { got: u64, expected: u64 },
+    /// A replayed `batchSeq` whose opIds differ from the batch first stored under it.
+    #[error("batchSeq {batch_seq} was first sent with other opIds")]
+    Diverged { batch_seq: u64 },
+    #[error("batchSeq must start at 1")]
+    ZeroBatchSeq,
+    /// An object on the write's epoch chain is no longer at the expected epoch (or is gone);
+    /// the write changed nothing.
+    #[error("an object on this capability's epoch chain was revoked")]
+    Revoked,
+    /// The database cannot be reached or the transaction was cut short by the server
+    /// (connection lost, pool timeout, shutdown, too many connections, serialization failure,
+    /// deadlock). Retryable: a write that fails this way may or may not have committed, and
+    /// its retry is answered exactly (dedupe and batch replay).
+    #[error("PostgreSQL is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the PostgreSQL database is at schema version {found}; this capsync supports up to {supported}")]
+    NewerSchema { found: u32, supported: u32 },
+    /// Anything else: a constraint violation, bad data, a bug.
+    #[error("postgres: {0}")]
+    Other(String),
+}
+
+impl PgError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PgError::Unavailable(_))
+    }
+}
+
+/// SQLSTATEs that mean "try again": connection exceptions (08), insufficient resources (53),
+/// operator intervention such as shutdown (57P01-57P05), serialization failure and deadlock.
+fn retryable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code == "40001" || code == "40P01"
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(err: tokio_postgres::Error) -> PgError {
+        if let Some(db) = err.as_db_error() {
+            let text = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+            return if retryable_sqlstate(db.code().code()) {
+                PgError::Unavailable(text)
+            } else {
+                PgError::Other(text)
+            };
+        }
+        let text = match std::error::Error::source(&err) {
+            Some(source) => format!("{err}: {source}"),
+            None => err.to_string(),
+        };
+        let io = std::error::Error::source(&err).is_some_and(|s| s.is::<std::io::Error>());
+        let transport =
+            ["error communicating", "connection closed", "error connecting", "timeout", "error performing TLS"]
+                .iter()
+                .any(|prefix| text.starts_with(prefix));
+        if io || err.is_closed() || transport {
+            PgError::Unavailable(text)
+        } else {
+            PgError::Other(text)
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(err: deadpool_postgres::PoolError) -> PgError {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => match PgError::from(err) {
+                PgError::Other(text) => PgError::Other(text),
+                other => other,
+            },
+            other => PgError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Pool settings for [`PgStore::connect_with`].
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Most connections the pool holds.
+    pub max_connections: usize,
+    /// How long opening one connection may take (used when the URL sets no `connect_timeout`).
+    pub connect_timeout: Duration,
+    /// How long a call waits for a free connection before failing with `Unavailable`.
+    pub wait_timeout: Duration,
+    /// Bring the schema up to date on connect.
+    pub migrate: bool,
+}
+
+impl Default for PgOptions {
+    fn default() -> PgOptions {
+        PgOptions {
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(10),
+            wait_timeout: Duration::from_secs(30),
+            migrate: true,
+        }
+    }
+}
+
+/// The PostgreSQL server store. Cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+type Txn<'a> = deadpool_postgres::Transaction<'a>;
+
+const SESSION_COLUMNS: &str = "sid, id, title, epoch, cursor, created_at";
+const SHARE_COLUMNS: &str = "s.id, s.sid, x.id, s.parent_share_id, s.parent_epoch, s.rights, s.label, s.epoch,
+     s.created_at, s.expires_at,
+     (SELECT coalesce(max(last_used_at), 0) FROM tokens t WHERE t.target_kind = 'share' AND t.target_id = s.id)";
+
+fn session_row(r: &Row, at: usize) -> SessionRow {
+    SessionRow {
+        sid: r.get(at),
+        id: r.get(at + 1),
+        title: r.get(at + 2),
+        epoch: r.get::<_, i64>(at + 3) as u64,
+        cursor: r.get::<_, i64>(at + 4) as u64,
+        created_at: r.get::<_, i64>(at + 5) as u64,
+    }
+}
+
+fn share_row(r: &Row) -> ShareRow {
+    ShareRow {
+        id: r.get(0),
+        sid: r.get(1),
+        session_id: r.get(2),
+        parent_share_id: r.get(3),
+        parent_epoch: r.get::<_, i64>(4) as u64,
+        rights: Rights::from_bits(r.get::<_, i32>(5) as i64),
+        label: r.get(6),
+        epoch: r.get::<_, i64>(7) as u64,
+        created_at: r.get::<_, i64>(8) as u64,
+        expires_at: r.get::<_, i64>(9) as u64,
+        last_used_at: r.get::<_, i64>(10) as u64,
+    }
+}
+
+/// An entity from the columns `kind, id, parent_id, data` starting at `at`.
+fn entity(r: &Row, at: usize) -> Result<Entity, PgError> {
+    let code: i16 = r.get(at);
+    Ok(Entity {
+        kind: EntityKind::from_code(code as i64)
+            .ok_or_else(|| PgError::Other(format!("unknown entity kind {code}")))?,
+        id: r.get(at + 1),
+        parent_id: r.get(at + 2),
+        data: r.get(at + 3),
+    })
+}
+
+/// Audit text without U+0000, which PostgreSQL text cannot hold.
+fn audit_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}").into()
+    } else {
+        text.into()
+    }
+}
+
+async fn insert_audit(tx: &Txn<'_>, event: &AuditEvent, at: u64) -> Result<(), PgError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit (at, action, target_kind, target_id, session_id, peer, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &(at as i64),
+            &audit_text(&event.action),
+            &audit_text(&event.target_kind),
+            &audit_text(&event.target_id),
+            &audit_text(&event.session_id),
+            &audit_text(&event.peer),
+            &audit_text(&event.detail),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn insert_token(tx: &Txn<'_>, token: &TokenRow) -> Result<(), PgError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent, label,
+                                 created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &&token.hash[..],
+            &token.target_kind.name(),
+            &token.target_id,
+            &(token.minted_epoch as i64),
+            &(token.rights.bits() as i32),
+            &token.parent,
+            &token.label,
+            &(token.created_at as i64),
+            &(token.expires_at as i64),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Checks `guard` inside the write transaction `tx`. Share and admin rows are read `FOR SHARE`
+/// (a concurrent revocation's `UPDATE` then waits for this transaction, or, if it committed
+/// first, is seen); session rows too, unless it is `locked`, the session row this transaction
+/// already holds `FOR UPDATE` (id and epoch as read under that lock).
+async fn check_guard(tx: &Txn<'_>, guard: &[GuardLink], locked: Option<(&str, u64)>) -> Result<(), PgError> {
+    let mut share_ids: Vec<&str> = Vec::new();
+    for link in guard {
+        if let GuardTarget::Share(id) = &link.target {
+            share_ids.push(id);
+        }
+    }
+    share_ids.sort_unstable();
+    share_ids.dedup();
+    let mut shares = std::collections::HashMap::new();
+    if !share_ids.is_empty() {
+        let stmt = tx.prepare_cached("SELECT id, epoch FROM shares WHERE id = ANY($1) ORDER BY id FOR SHARE").await?;
+        for row in tx.query(&stmt, &[&share_ids]).await? {
+            shares.insert(row.get::<_, String>(0), row.get::<_, i64>(1) as u64);
+        }
+    }
+    for link in guard {
+        let current = match &link.target {
+            GuardTarget::Share(id) => shares.get(id.as_str()).copied(),
+            GuardTarget::Session(id) => match locked {
+                Some((locked_id, epoch)) if locked_id == id => Some(epoch),
+                _ => {
+                    let stmt = tx.prepare_cached("SELECT epoch FROM sessions WHERE id = $1 FOR SHARE").await?;
+                    tx.query_opt(&stmt, &[id]).await?.map(|r| r.get::<_, i64>(0) as u64)
+                }
+            },
+            GuardTarget::Admin => {
+                let stmt = tx.prepare_cached("SELECT epoch FROM admin WHERE id = 1 FOR SHARE").await?;
+                tx.query_opt(&stmt, &[]).await?.map(|r| r.get::<_, i64>(0) as u64)
+            }
+        };
+        if current != Some(link.expected) {
+            return Err(PgError::Revoked);
+        }
+    }
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects to `url` (a libpq-style `postgres://user:pass@host:port/db` or `key=value`
+    /// string; no TLS yet), checks that the server answers, and brings the schema up to date.
+    /// An unreachable server fails with [`PgError::Unavailable`] naming the host and port (never
+    /// the password).
+    pub async fn connect(url: &str) -> Result<PgStore, PgError> {
+        PgStore::connect_with(url, PgOptions::default()).await
+    }
+
+    pub async fn connect_with(url: &str, options: PgOptions) -> Result<PgStore, PgError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| PgError::Other(format!("invalid PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("capsync");
+        }
+        let target = describe_target(&config);
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .wait_timeout(Some(options.wait_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| PgError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let store = PgStore { pool };
+        let mut client = store.pool.get().await.map_err(|e| match PgError::from(e) {
+            PgError::Unavailable(why) => PgError::Unavailable(format!("cannot reach PostgreSQL at {target}: {why}")),
+            PgError::Other(why) => PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}")),
+            other => other,
+        })?;
+        if options.migrate {
+            migrate::run(&mut client).await?;
+        }
+        drop(client);
+        Ok(store)
+    }
+
+    /// The pool, for tools and tests.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Runs `work` in one read-write transaction and commits it if it returns `Ok` (an `Err`
+    /// drops the transaction, which rolls it back).
+    async fn write<T>(&self, work: impl AsyncFnOnce(&Txn<'_>) -> Result<T, PgError>) -> Result<T, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let value = work(&tx).await?;
+        tx.commit().await?;
+        Ok(value)
+    }
+
+    // ---- Reads -------------------------------------------------------------------------
+
+    /// Looks a token up by its hash and resolves what judging it needs: the share chain up to
+    /// the session (target first), the session and the admin epoch. `None` for an unknown
+    /// token or a chain with a missing link.
+    pub async fn resolve_token(&self, hash: &[u8; 32]) -> Result<Option<Resolution>, PgError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT target_kind, target_id, minted_epoch, rights, parent, label, created_at,
+                        expires_at, last_used_at, (SELECT epoch FROM admin WHERE id = 1)
+                 FROM tokens WHERE hash = $1",
+            )
+            .await?;
+        let Some(row) = client.query_opt(&stmt, &[&&hash[..]]).await? else { return Ok(None) };
+        let Some(target_kind) = TargetKind::parse(row.get(0)) else { return Ok(None) };
+        let token = TokenRow {
+            hash: *hash,
+            target_kind,
+            target_id: row.get(1),
+            minted_epoch: row.get::<_, i64>(2) as u64,
+            rights: Rights::from_bits(row.get::<_, i32>(3) as i64),
+            parent: row.get(4),
+            label: row.get(5),
+            created_at: row.get::<_, i64>(6) as u64,
+            expires_at: row.get::<_, i64>(7) as u64,
+            last_used_at: row.get::<_, i64>(8) as u64,
+        };
+        let admin_epoch = row.get::<_, Option<i64>>(9).map(|e| e as u64);
+        let mut shares = Vec::new();
+        let mut session = None;
+        match target_kind {
+            TargetKind::Share => {
+                let sql = format!(
+                    "WITH RECURSIVE chain (id, parent_share_id, depth) AS (
+                         SELECT id, parent_share_id, 0 FROM shares WHERE id = $1
+                         UNION ALL
+                         SELECT s.id, s.parent_share_id, c.depth + 1
+                         FROM shares s JOIN chain c ON s.id = c.parent_share_id
+                         WHERE c.depth < 1000
+                     )
+                     SELECT {SHARE_COLUMNS}, x.sid, x.id, x.title, x.epoch, x.cursor, x.created_at
+                     FROM chain c JOIN shares s ON s.id = c.id JOIN sessions x ON x.sid = s.sid
+                     ORDER BY c.depth"
+                );
+                let stmt = client.prepare_cached(&sql).await?;
+                let rows = client.query(&stmt, &[&token.target_id]).await?;
+                for row in &rows {
+                    shares.push(share_row(row));
+                }
+                // A chain must end at a share whose parent is the session.
+                match shares.last() {
+                    Some(last) if last.parent_share_id.is_none() => {}
+                    _ => return Ok(None),
+                }
+                session = rows.last().map(|r| session_row(r, 11));
+            }
+            TargetKind::Session => session = self.session_on(&client, &token.target_id).await?,
+            TargetKind::Admin => {}
+        }
+        Ok(Some(Resolution { token, shares, session, admin_epoch }))
+    }
+
+    async fn session_on(&self, client: &deadpool_postgres::Client, id: &str) -> Result<Option<SessionRow>, PgError> {
+        let stmt = client.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1")).await?;
+        Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| session_row(&r, 0)))
+    }
+
+    pub async fn session(&self, id: &str) -> Result<Option<SessionRow>, PgError> {
+        let client = self.client().await?;
+        self.session_on(&client, id).await
+    }
+
+    pub async fn share(&self, id: &str) -> Result<Option<ShareRow>, PgError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {SHARE_COLUMNS} FROM shares s JOIN sessions x ON x.sid = s.sid WHERE s.id = $1");
+        let stmt = client.prepare_cached(&sql).await?;
+        Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| share_row(&r)))
+    }
+
+    pub async fn admin_epoch(&self) -> Result<Option<u64>, PgError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT epoch FROM admin WHERE id = 1").await?;
+        Ok(client.query_opt(&stmt, &[]).await?.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    /// The last batchSeq of `client_id` applied to session `sid` (0 if none).
+    pub async fn last_batch_seq(&self, sid: i64, client_id: &Id16) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT coalesce(max(batch_seq), 0) FROM client_batches WHERE sid = $1 AND client_id = $2")
+            .await?;
+        Ok(client.query_one(&stmt, &[&sid, &&client_id[..]]).await?.get::<_, i64>(0) as u64)
+    }
+
+    /// Up to `limit` entities ordered by (kind, id) after `after`, with the cursor they
+    /// reflect: one statement, so one snapshot of the database.
+    pub async fn snapshot_page(
+        &self,
+        sid: i64,
+        after: Option<(EntityKind, &str)>,
+        limit: u32,
+    ) -> Result<SnapshotPage, PgError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT x.cursor, e.kind, e.id, e.parent_id, e.data
+                 FROM sessions x LEFT JOIN LATERAL (
+                     SELECT kind, id, parent_id, data FROM entities
+                     WHERE sid = x.sid AND (kind, id) > ($2, $3) ORDER BY kind, id LIMIT $4
+                 ) e ON true
+                 WHERE x.sid = $1 ORDER BY e.kind, e.id",
+            )
+            .await?;
+        let (kind, id) = after.map(|(k, id)| (k.code() as i16, id)).unwrap_or((-1, ""));
+        let rows = client.query(&stmt, &[&sid, &kind, &id, &(limit as i64 + 1)]).await?;
+        let first = rows.first().ok_or_else(|| PgError::Other(format!("no session with sid {sid}")))?;
+        let cursor = first.get::<_, i64>(0) as u64;
+        let mut entities = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.get::<_, Option<i16>>(1).is_some() {
+                entities.push(entity(row, 1)?);
+            }
+        }
+        let more = entities.len() > limit as usize;
+        entities.truncate(limit as usize);
+        Ok(SnapshotPage { cursor, entities, more })
+    }
+
+    /// Applied ops with seq > `after`, at most `limit`, and the session's cursor (one
+    /// statement, so one snapshot).
+    pub async fn changes(&self, sid: i64, after: u64, limit: u32) -> Result<(Vec<LoggedOp>, u64), PgError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT x.cursor, o.seq, o.op_id, o.is_delete, o.kind, o.entity_id, o.parent_id, o.data
+                 FROM sessions x LEFT JOIN LATERAL (
+                     SELECT seq, op_id, is_delete, kind, entity_id, parent_id, data FROM ops
+                     WHERE sid = x.sid AND seq > $2 ORDER BY seq LIMIT $3
+                 ) o ON true
+                 WHERE x.sid = $1 ORDER BY o.seq",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&sid, &(after as i64), &(limit as i64)]).await?;
+        let first = rows.first().ok_or_else(|| PgError::Other(format!("no session with sid {sid}")))?;
+        let cursor = first.get::<_, i64>(0) as u64;
+        let mut ops = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(seq) = row.get::<_, Option<i64>>(1) else { continue };
+            let op_id: Vec<u8> = row.get(2);
+            let entity = entity(row, 4)?;
+            let body = if row.get::<_, bool>(3) {
+                OpBody::Delete { kind: entity.kind, id: entity.id }
+            } else {
+                OpBody::Put(entity)
+            };
+            ops.push(LoggedOp { seq: seq as u64, op: Op { op_id: op_id.try_into().unwrap_or([0; 16]), body } });
+        }
+        Ok((ops, cursor))
+    }
+
+    /// Every session with the number of shares it has.
+    pub async fn list_sessions(&self) -> Result<Vec<(SessionRow, u32)>, PgError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS}, (SELECT count(*) FROM shares s WHERE s.sid = sessions.sid)
+             FROM sessions ORDER BY created_at, id"
+        );
+        let stmt = client.prepare_cached(&sql).await?;
+        Ok(client.query(&stmt, &[]).await?.iter().map(|r| (session_row(r, 0), r.get::<_, i64>(6) as u32)).collect())
+    }
+
+    /// Shares of one session (by id), or of all sessions.
+    pub async fn list_shares(&self, session_id: Option<&str>) -> Result<Vec<ShareRow>, PgError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {SHARE_COLUMNS} FROM shares s JOIN sessions x ON x.sid = s.sid
+             WHERE $1::text IS NULL OR x.id = $1 ORDER BY s.created_at, s.id"
+        );
+        let stmt = client.prepare_cached(&sql).await?;
+        Ok(client.query(&stmt, &[&session_id]).await?.iter().map(share_row).collect())
+    }
+
+    /// Audit rows with id > `since`, at most `limit`, in id order.
+    pub async fn audit_page(&self, since: u64, limit: u32) -> Result<Vec<AuditRow>, PgError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, at, action, target_kind, target_id, session_id, peer, detail FROM audit
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .await?;
+        Ok(client
+            .query(&stmt, &[&(since as i64), &(limit as i64)])
+            .await?
+            .iter()
+            .map(|r| AuditRow {
+                id: r.get::<_, i64>(0) as u64,
+                at: r.get::<_, i64>(1) as u64,
+                event: AuditEvent {
+                    action: r.get(2),
+                    target_kind: r.get(3),
+                    target_id: r.get(4),
+                    session_id: r.get(5),
+                    peer: r.get(6),
+                    detail: r.get(7),
+                },
+            })
+            .collect())
+    }
+
+    pub async fn stats(&self) -> Result<StoreStats, PgError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM shares),
+                        (SELECT coalesce(sum(cursor), 0)::bigint FROM sessions)",
+            )
+            .await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(StoreStats {
+            sessions: row.get::<_, i64>(0) as u64,
+            shares: row.get::<_, i64>(1) as u64,
+            ops: row.get::<_, i64>(2) as u64,
+        })
+    }
+
+    /// A readiness probe: a connection from the pool answers and the server accepts writes
+    /// (is not a standby in recovery).
+    pub async fn probe(&self) -> Result<(), PgError> {
+        let client = self.client().await?;
+        let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+        if in_recovery {
+            return Err(PgError::Unavailable("the PostgreSQL server is a read-only standby".into()));
+        }
+        Ok(())
+    }
+
+    // ---- Writes ------------------------------------------------------------------------
+
+    /// Records a redeem: the token's `last_used_at` and an audit row, in one transaction.
+    pub async fn record_redeem(&self, hash: &[u8; 32], event: &AuditEvent) -> Result<(), PgError> {
+        let now = now_ms();
+        self.write(async |tx| {
+            let stmt = tx.prepare_cached("UPDATE tokens SET last_used_at = $2 WHERE hash = $1").await?;
+            tx.execute(&stmt, &[&&hash[..], &(now as i64)]).await?;
+            insert_audit(tx, event, now).await
+        })
+        .await
+    }
+
+    /// Appends an audit row.
+    pub async fn audit(&self, event: &AuditEvent) -> Result<(), PgError> {
+        let now = now_ms();
+        self.write(async |tx| insert_audit(tx, event, now).await).await
+    }
+
+    /// Applies `batch` to session `sid` (whose id text is `session_id`) in one transaction:
+    /// locks the session row, checks `guard` (failing with [`PgError::Revoked`], changing
+    /// nothing, if an epoch moved), then applies the batch exactly as the SQLite store does
+    /// (dedupe by opId and payload hash, replay of a stored batchSeq, gap and divergence,
+    /// rejected ops). Returns once committed.
+    pub async fn append(
+        &self,
+        sid: i64,
+        session_id: &str,
+        batch: &capsync_model::IncomingBatch,
+        guard: &[GuardLink],
+    ) -> Result<Appended, PgError> {
+        self.write(async |tx| append::append(tx, sid, session_id, batch, guard).await).await
+    }
+
+    /// Stores a new share and its token, and audits the mint (at the share's `created_at`),
+    /// if `guard` (the minting capability's chain) still holds.
+    pub async fn mint_share(
+        &self,
+        share: &ShareRow,
+        token: &TokenRow,
+        guard: &[GuardLink],
+        event: &AuditEvent,
+    ) -> Result<(), PgError> {
+        self.write(async |tx| {
+            check_guard(tx, guard, None).await?;
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO shares (id, sid, parent_share_id, parent_epoch, rights, label, epoch,
+                                             created_at, expires_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .await?;
+            tx.execute(
+                &stmt,
+                &[
+                    &share.id,
+                    &share.sid,
+                    &share.parent_share_id,
+                    &(share.parent_epoch as i64),
+                    &(share.rights.bits() as i32),
+                    &share.label,
+                    &(share.epoch as i64),
+                    &(share.created_at as i64),
+                    &(share.expires_at as i64),
+                ],
+            )
+            .await?;
+            insert_token(tx, token).await?;
+            insert_audit(tx, event, share.created_at).await
+        })
+        .await
+    }
+
+    /// Creates a session (created at the owner token's `created_at`) with its owner token and
+    /// an audit row, if `guard` (e.g. the admin's epoch; may be empty) still holds. Returns the
+    /// new session's internal row id.
+    pub async fn create_session(
+        &self,
+        session_id: &str,
+        title: &str,
+        owner: &TokenRow,
+        guard: &[GuardLink],
+        event: &AuditEvent,
+    ) -> Result<i64, PgError> {
+        self.write(async |tx| {
+            check_guard(tx, guard, None).await?;
+            let stmt = tx
+                .prepare_cached("INSERT INTO sessions (id, title, created_at) VALUES ($1, $2, $3) RETURNING sid")
+                .await?;
+            let sid: i64 = tx.query_one(&stmt, &[&session_id, &title, &(owner.created_at as i64)]).await?.get(0);
+            insert_token(tx, owner).await?;
+            insert_audit(tx, event, owner.created_at).await?;
+            Ok(sid)
+        })
+        .await
+    }
+
+    /// Bumps a share's epoch and audits it, in one transaction; returns the new epoch once
+    /// committed, or `None` if there is no such share (nothing is audited then).
+    pub async fn revoke_share(&self, share_id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
+        self.bump("UPDATE shares SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch", share_id, event).await
+    }
+
+    /// Bumps a session's epoch (cutting every token of it and of its shares) and audits it.
+    pub async fn revoke_session(&self, session_id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
+        self.bump("UPDATE sessions SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch", session_id, event).await
+    }
+
+    async fn bump(&self, sql: &'static str, id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
+        let now = now_ms();
+        self.write(async |tx| {
+            let stmt = tx.prepare_cached(sql).await?;
+            let epoch = tx.query_opt(&stmt, &[&id]).await?.map(|r| r.get::<_, i64>(0) as u64);
+            if epoch.is_some() {
+                insert_audit(tx, event, now).await?;
+            }
+            Ok(epoch)
+        })
+        .await
+    }
+
+    /// Creates the admin object at epoch 0, or bumps its epoch (invalidating every admin token
+    /// minted before), and stores `token` minted at the epoch now in force, which it returns.
+    pub async fn renew_admin(&self, token: &TokenRow) -> Result<u64, PgError> {
+        self.write(async |tx| {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO admin (id, epoch) VALUES (1, 0)
+                         ON CONFLICT (id) DO UPDATE SET epoch = admin.epoch + 1 RETURNING epoch",
+                )
+                .await?;
+            let epoch = tx.query_one(&stmt, &[]).await?.get::<_, i64>(0) as u64;
+            insert_token(tx, &TokenRow { minted_epoch: epoch, ..token.clone() }).await?;
+            Ok(epoch)
+        })
+        .await
+    }
+
+    /// For a node joining a shared database: creates the admin object at epoch 0 only if there
+    /// is none, never bumping it. If this call created it, `token` is stored (minted at epoch 0)
+    /// and the answer is `(0, true)`: this node should hand the token out (write `admin.uri`).
+    /// Otherwise nothing is written and the answer is `(current epoch, false)`.
+    pub async fn ensure_admin(&self, token: &TokenRow) -> Result<(u64, bool), PgError> {
+        self.write(async |tx| {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO admin (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING RETURNING epoch",
+                )
+                .await?;
+            if let Some(row) = tx.query_opt(&stmt, &[]).await? {
+                let epoch = row.get::<_, i64>(0) as u64;
+                insert_token(tx, &TokenRow { minted_epoch: epoch, ..token.clone() }).await?;
+                return Ok((epoch, true));
+            }
+            let stmt = tx.prepare_cached("SELECT epoch FROM admin WHERE id = 1").await?;
+            Ok((tx.query_one(&stmt, &[]).await?.get::<_, i64>(0) as u64, false))
+        })
+        .await
+    }
+}
+
+/// "host:port" of the first host in `config`, for error messages (never the password).
+fn describe_target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().map(|d| format!("/{d}")).unwrap_or_default();
+    format!("{host}:{port}{db}")
+}
