@@ -77,6 +77,17 @@ fn metrics_count_calls_ops_redeems_and_revocations_with_fixed_labels_only() {
     assert!(!text.contains(&session_id), "a session id in a label");
     assert_no_tokens(&text, &[owner, share, forged, server.admin_uri().token], "the metrics");
 
+    // A frame over the message limit: capnp closes the connection; the limit is counted.
+    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
+    raw.write_all(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x0f]).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sample(&get(&http, "/metrics").1, "capsync_limit_refusals_total{reason=\"frame-too-large\"}") != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "the refused frame was not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     assert_eq!(get(&http, "/healthz").0, 200);
     assert_eq!(get(&http, "/readyz"), (200, "ready\n".to_owned()));
     assert_eq!(get(&http, "/nothing").0, 404);

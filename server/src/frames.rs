@@ -29,17 +29,24 @@ pub struct FrameClock {
     last_frame: Cell<Instant>,
     /// The server holds this connection's reading back (byte budget): not the peer's fault.
     held: Cell<bool>,
+    /// The peer sent a frame the limits refuse (capnp closes the connection over it).
+    refused: Cell<bool>,
 }
 
 impl FrameClock {
     /// A new connection counts as "inside a frame" from the start: it owes its first frame.
     pub fn new() -> Rc<FrameClock> {
-        Rc::new(FrameClock { started: Cell::new(Some(Instant::now())), last_frame: Cell::new(Instant::now()), held: Cell::new(false) })
+        Rc::new(FrameClock { started: Cell::new(Some(Instant::now())), last_frame: Cell::new(Instant::now()), held: Cell::new(false), refused: Cell::new(false) })
     }
 
     /// How long since the peer last completed a frame.
     pub fn quiet_for(&self) -> std::time::Duration {
         self.last_frame.get().elapsed()
+    }
+
+    /// Whether the peer sent a frame the limits refuse (too large, too many segments).
+    pub fn refused(&self) -> bool {
+        self.refused.get()
     }
 
     /// How long the current frame has been arriving, if one is.
@@ -127,6 +134,7 @@ impl<R> FrameWatch<R> {
                     let count = (self.u32_at(0) as usize).wrapping_add(1);
                     let first_bytes = self.u32_at(4) as u64 * 8;
                     if count == 0 || count >= MAX_SEGMENTS || first_bytes > self.max_frame_bytes {
+                        self.clock.refused.set(true);
                         State::PassThrough
                     } else {
                         // The table is (count + 1) u32s rounded up to 8 bytes; 8 are in.
@@ -138,6 +146,7 @@ impl<R> FrameWatch<R> {
                 State::Table { count, .. } => {
                     let words: u64 = (0..count).map(|i| self.u32_at(4 + 4 * i) as u64).sum();
                     if words * 8 > self.max_frame_bytes {
+                        self.clock.refused.set(true);
                         State::PassThrough
                     } else {
                         let bytes = (words * 8) as usize;

@@ -206,6 +206,9 @@ async fn serve_connection(
             info!(reason = reason.name(), "connection closed");
         }
     }
+    if clock.refused() {
+        shared.metrics.refused(Refusal::FrameTooLarge);
+    }
     // Whatever still works for this connection (subscriptions) stops now, so nothing keeps
     // its socket or its memory once it is gone.
     conn.closed.cancel();

@@ -49,6 +49,8 @@ pub enum Refusal {
     FrameTimeout,
     Idle,
     ByteBudget,
+    /// A frame over the message size limit (or with a malformed segment table).
+    FrameTooLarge,
 }
 
 impl Refusal {
@@ -59,6 +61,7 @@ impl Refusal {
             Refusal::FrameTimeout => "frame-timeout",
             Refusal::Idle => "idle-timeout",
             Refusal::ByteBudget => "byte-budget",
+            Refusal::FrameTooLarge => "frame-too-large",
         }
     }
 }
