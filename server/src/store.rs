@@ -30,15 +30,7 @@ pub type Admit = Box<dyn FnOnce() -> Result<()> + Send>;
 /// Receives the ops a committed batch applied, for live subscriptions.
 pub type Publish = Box<dyn FnOnce(Vec<LoggedOp>) + Send>;
 
-/// A token with everything needed to judge it: the share chain from the target up (empty
-/// for session and admin tokens), the session, and the admin epoch.
-#[derive(Clone, Debug)]
-pub struct Resolution {
-    pub token: TokenRow,
-    pub shares: Vec<ShareRow>,
-    pub session: Option<SessionRow>,
-    pub admin_epoch: Option<u64>,
-}
+pub use capsync_model::stored::Resolution;
 
 /// Where a write goes in the writer's queue.
 #[derive(Clone, Copy, Debug)]
