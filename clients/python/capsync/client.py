@@ -53,7 +53,9 @@ __all__ = [
 @dataclass(frozen=True)
 class RefStatus:
     """One ref's state. ``uri`` has its token redacted. ``state`` is ``ok``, ``unreachable``,
-    ``revoked``, ``expired``, ``unknown-token``, ``denied`` or ``diverged``."""
+    ``revoked``, ``expired``, ``unknown-token``, ``denied`` or ``diverged``. ``acked`` counts
+    the acked ops still kept (see ``SyncOptions.keep_acked``); ``healed`` how many acked ops
+    were re-delivered to a server restored from an older backup."""
 
     name: str
     uri: str
@@ -66,6 +68,7 @@ class RefStatus:
     conflict: int
     cursor: int
     last_error: str
+    healed: int = 0
 
 
 class Client:
@@ -140,7 +143,8 @@ class Client:
         return self.enqueue(name, [Delete(kind, id)])[0]
 
     def status(self) -> List[RefStatus]:
-        """Every ref: name, redacted URI, state, op counts, the server's cursor, last error."""
+        """Every ref: name, redacted URI, state, op counts, the server's cursor, last error,
+        and how many acked ops were re-delivered to a restored server."""
         out = []
         for row in self.outbox.refs():
             try:
@@ -151,7 +155,7 @@ class Client:
             out.append(
                 RefStatus(
                     row.name, uri, row.session_id, row.state, c.pending, c.sent, c.acked, c.rejected, c.conflict,
-                    row.ack_cursor, row.last_error,
+                    row.ack_cursor, row.last_error, row.healed,
                 )
             )
         return out
@@ -173,6 +177,15 @@ class Client:
         it is re-attached). Disconnects, ``overloaded``, ``internal`` and ``gap`` are retried
         with backoff up to ``max_attempts`` rounds without progress; then the error is raised
         and the batches stay unacked for the next sync.
+
+        A server restored from an older backup is healed: when the grant's history id differs
+        from the one the ref saw before (or a batch is answered ``capsync/gap`` below batches
+        the server had acknowledged), every op the ref still keeps (acked ones included) is
+        re-queued under a new client id and sent again; the server answers ``duplicate`` for
+        what it has and applies what it lost (``SyncReport.healed`` counts the acked ops sent
+        again). With nothing queued but acked ops kept, the sync redeems once only to look at
+        the history (a failure of that check is not an error of the sync). Afterwards, acked
+        ops older than ``SyncOptions.keep_acked`` are pruned.
 
         Syncs of one ref on this client run one at a time: a second call waits for the first
         to finish, then sends only what is still unacked (often nothing), so no batch is sent
@@ -199,7 +212,9 @@ class Client:
     async def pull(self, name: str) -> Tuple[int, List[Entity]]:
         """Pulls ``name``'s session into its local replica: the first time a paged snapshot,
         then the ops logged after the first page's cursor (every time after that, only the
-        ops after the replica's cursor). Returns ``(cursor, entities)``."""
+        ops after the replica's cursor). A replica pulled from another copy of the server's
+        history (a server restored from a backup), or ahead of the server's cursor, is pulled
+        again from a snapshot. Returns ``(cursor, entities)``."""
         return await pull_ref(self.outbox, self.options, name)
 
     async def follow(
@@ -212,7 +227,8 @@ class Client:
         """Follows ``name``'s session live into its replica until ``stop`` is set (or the task
         is cancelled), across disconnects and server restarts.
 
-        The replica is pulled first if it does not exist; then the follower subscribes after
+        The replica is pulled first if it does not exist (or was pulled from another copy of
+        the server's history: a server restored from a backup); then the follower subscribes after
         the replica's cursor with a ``Listener`` whose ``onOps`` applies each run of ops to
         the replica (one transaction) and calls ``on_ops`` (sync or async) *before* returning,
         so a slow consumer slows the server's stream. Each op is delivered once, in seq order.

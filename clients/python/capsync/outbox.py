@@ -11,18 +11,25 @@ Tables:
   the server counts batchSeqs per (client, session), so two refs of one session never share
   a sequence), its state (``ok``, ``unreachable``, ``revoked``, ``expired``,
   ``unknown-token``, ``denied``, ``diverged``), last error, the session id once known, the
-  server's cursor in the latest ack, the next batchSeq.
+  server's cursor in the latest ack, the next batchSeq, the server's history id in the
+  latest grant (``''`` before the first) and how many acked ops it re-delivered (``healed``).
 - ``ops``: every op the application made, in order: opId (a 16-byte UUIDv7 minted once),
   kind, entity id, parent, data, delete flag, state (``pending`` -> ``sent`` -> ``acked`` |
-  ``rejected`` | ``conflict``), batch, attempts, last error, ack seq.
+  ``rejected`` | ``conflict``), batch, attempts, last error, ack seq, and when it was acked
+  (``acked_at``, Unix ms). Acked ops are kept for a while (``SyncOptions.keep_acked``) so a
+  server restored from an older backup can be healed (:meth:`Outbox.heal`).
 - ``batches``: batches as formed. A batch is formed once per ref (with the ref's client id
   and the ref's next batchSeq: 1, 2, 3...) and never re-formed or reused, so a replay resends
-  the very same batches, opIds and order.
-- ``replica_state`` / ``replica_entities``: local copies of sessions at a cursor.
+  the very same batches, opIds and order. Only healing a restored server drops a ref's
+  batches, and it gives the ref a new client id with them.
+- ``replica_state`` / ``replica_entities``: local copies of sessions at a cursor, each with
+  the server history id it was pulled from.
 
 Schema version 1 kept one client id per outbox file (a ``meta`` table); opening such a file
-upgrades it to version 2, giving every existing ref that id, so batches already formed and
-sent keep the (client, session) sequence the server knows. Refs attached later get their own.
+upgrades it, giving every existing ref that id, so batches already formed and sent keep the
+(client, session) sequence the server knows. Refs attached later get their own. Version 3
+added the history ids, ``healed`` and ``acked_at``; ops acked before the upgrade count as
+acked at the upgrade (they are kept for the whole keep time).
 
 The Rust client keeps the same information in ``persistence/src/client``; this file is the
 Python client's own format, not shared with the Rust CLI's outbox.
@@ -59,7 +66,7 @@ __all__ = [
 KINDS = ("session", "message", "part", "diff", "model")
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS refs (
     name TEXT PRIMARY KEY,
@@ -70,7 +77,9 @@ CREATE TABLE IF NOT EXISTS refs (
     session_id TEXT NOT NULL DEFAULT '',
     next_batch_seq INTEGER NOT NULL DEFAULT 1,
     ack_cursor INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    history TEXT NOT NULL DEFAULT '',       -- the server's history id in the latest grant
+    healed INTEGER NOT NULL DEFAULT 0       -- acked ops re-delivered to a restored server
 );
 CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,7 +95,8 @@ CREATE TABLE IF NOT EXISTS ops (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
     ack_seq INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    acked_at INTEGER NOT NULL DEFAULT 0     -- Unix ms of the ack (0 until answered)
 );
 CREATE INDEX IF NOT EXISTS ops_by_batch ON ops(ref_name, batch_seq);
 CREATE INDEX IF NOT EXISTS ops_unbatched ON ops(ref_name, seq) WHERE batch_seq IS NULL;
@@ -100,7 +110,8 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS replica_state (
     ref_name TEXT PRIMARY KEY,
     session_id TEXT NOT NULL,
-    cursor INTEGER NOT NULL
+    cursor INTEGER NOT NULL,
+    history TEXT NOT NULL DEFAULT ''        -- the server history id it was pulled from
 );
 CREATE TABLE IF NOT EXISTS replica_entities (
     ref_name TEXT NOT NULL,
@@ -118,6 +129,14 @@ ALTER TABLE refs ADD COLUMN client_id BLOB NOT NULL DEFAULT x'';
 UPDATE refs SET client_id = coalesce((SELECT value FROM meta WHERE key = 'client_id'), x'');
 DROP TABLE meta
 """
+# Version 2 -> 3: history ids, the healed count and ack times. Added to tables that lack them
+# (a table missing altogether is made by _SCHEMA with them).
+_COLUMNS_V3 = (
+    ("refs", "history", "TEXT NOT NULL DEFAULT ''"),
+    ("refs", "healed", "INTEGER NOT NULL DEFAULT 0"),
+    ("ops", "acked_at", "INTEGER NOT NULL DEFAULT 0"),
+    ("replica_state", "history", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 def kind_code(kind: str) -> int:
@@ -226,7 +245,9 @@ class FormedBatch:
 @dataclass
 class RefRow:
     """An attached ref. ``uri`` holds a secret and is left out of ``repr``; ``client_id`` is
-    the ref's own (16 bytes), the one its batches are sent with."""
+    the ref's own (16 bytes), the one its batches are sent with; ``history`` the server's
+    history id in the latest grant (``''`` before the first); ``healed`` how many acked ops it
+    re-delivered to a server restored from an older backup."""
 
     name: str
     uri: str = field(repr=False)
@@ -235,6 +256,8 @@ class RefRow:
     session_id: str
     ack_cursor: int
     client_id: bytes
+    history: str = ""
+    healed: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,7 +303,17 @@ class Outbox:
             if version == 1:
                 _run_script(self._conn, _UPGRADE_V1)
             _run_script(self._conn, _SCHEMA)
-            self._conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            if 0 < version < 3:
+                for table, column, decl in _COLUMNS_V3:
+                    columns = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                    if column not in columns:
+                        self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                # Ops acked before the upgrade count as acked now: kept for the whole keep time.
+                self._conn.execute(
+                    "UPDATE ops SET acked_at = ? WHERE state = 'acked' AND acked_at = 0", (_now_ms(),)
+                )
+            if version != _SCHEMA_VERSION:
+                self._conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Closes the database."""
@@ -442,6 +475,7 @@ class Outbox:
         said: each op's outcome (applied/duplicate -> acked, conflict, rejected, with the seq
         and reason), the batch as acked, and the server's cursor."""
         acked_now = {a.batch_seq for a in acks}
+        now = _now_ms()
         with self._tx() as c:
             for seq in sent:
                 if seq in acked_now:
@@ -456,15 +490,72 @@ class Outbox:
                 for r in ack.results:
                     state = {"applied": "acked", "duplicate": "acked"}.get(r.status, r.status)
                     c.execute(
-                        "UPDATE ops SET state = ?, ack_seq = ?, last_error = ?, attempts = attempts + ? "
-                        "WHERE op_id = ? AND ref_name = ?",
-                        (state, r.seq, r.reason, attempt, r.op_id, name),
+                        "UPDATE ops SET state = ?, ack_seq = ?, last_error = ?, attempts = attempts + ?, "
+                        "acked_at = ? WHERE op_id = ? AND ref_name = ?",
+                        (state, r.seq, r.reason, attempt, now, r.op_id, name),
                     )
                 c.execute("UPDATE batches SET acked = 1 WHERE ref_name = ? AND batch_seq = ?", (name, ack.batch_seq))
                 c.execute(
                     "UPDATE refs SET ack_cursor = max(ack_cursor, ?), state = 'ok', last_error = '' WHERE name = ?",
                     (ack.cursor, name),
                 )
+
+    # -- healing a restored server ----------------------------------------------------------
+
+    def note_history(self, name: str, history: str) -> bool:
+        """Records the server history id a grant carried. Returns whether it differs from the
+        one seen before (never on the first: there is nothing to compare with; nor for an
+        empty id, which a server without history ids sends)."""
+        with self._tx() as c:
+            row = c.execute("SELECT history FROM refs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise CapsyncError(f"no ref named {name}", kind="invalid")
+            seen = str(row[0])
+            if not seen and history:
+                c.execute("UPDATE refs SET history = ? WHERE name = ?", (history, name))
+            return bool(seen) and bool(history) and seen != history
+
+    def heal(self, name: str, new_client_id: bytes, history: Optional[str] = None) -> int:
+        """Heals a server that lost acknowledged ops (restored from an older backup), in one
+        transaction: every op of ``name`` still kept (acked, sent or pending) goes back to the
+        queue, in the order it was made, to be re-batched under ``new_client_id`` from batchSeq
+        1 (the server's record of the old client id's batches no longer matches this
+        outbox's). The server dedupes by opId, so an op it still has answers ``duplicate`` and
+        one it lost is applied: nothing twice. Rejected and conflicting ops are moved out of
+        every batch (batch 0, never formed) and stay out of it. ``history`` (if given) becomes
+        the ref's. Returns how many acked ops go out again (added to the ref's ``healed``)."""
+        if len(new_client_id) != 16:
+            raise CapsyncError("a client id is 16 bytes", kind="invalid")
+        with self._tx() as c:
+            acked = int(
+                c.execute("SELECT count(*) FROM ops WHERE ref_name = ? AND state = 'acked'", (name,)).fetchone()[0]
+            )
+            c.execute(
+                "UPDATE ops SET state = 'pending', batch_seq = NULL "
+                "WHERE ref_name = ? AND state IN ('acked', 'sent', 'pending')",
+                (name,),
+            )
+            c.execute("UPDATE ops SET batch_seq = 0 WHERE ref_name = ? AND state IN ('rejected', 'conflict')", (name,))
+            c.execute("DELETE FROM batches WHERE ref_name = ?", (name,))
+            c.execute(
+                "UPDATE refs SET client_id = ?, next_batch_seq = 1, healed = healed + ?, "
+                "history = coalesce(?, history) WHERE name = ?",
+                (bytes(new_client_id), acked, history, name),
+            )
+            return acked
+
+    def last_acked_batch(self, name: str) -> int:
+        """The highest batchSeq of ``name`` the server has acknowledged (0 if none)."""
+        rows = self._read("SELECT coalesce(max(batch_seq), 0) FROM batches WHERE ref_name = ? AND acked = 1", (name,))
+        return int(rows[0][0])
+
+    def prune_acked(self, name: str, cutoff_ms: int) -> int:
+        """Forgets acked ops of ``name`` acknowledged at or before ``cutoff_ms`` (Unix ms):
+        they can no longer heal a restored server. Returns how many were removed."""
+        with self._tx() as c:
+            return c.execute(
+                "DELETE FROM ops WHERE ref_name = ? AND state = 'acked' AND acked_at <= ?", (name, cutoff_ms)
+            ).rowcount
 
     def counts(self, name: str) -> OpCounts:
         """How many of the ref's ops are pending, sent, acked, rejected, conflict."""
@@ -557,6 +648,23 @@ class Outbox:
             c.execute("UPDATE replica_state SET cursor = ? WHERE ref_name = ?", (cursor, name))
             return cursor
 
+    def replica_history(self, name: str) -> str:
+        """The server history id the replica was pulled from (``''`` if unknown or none)."""
+        rows = self._read("SELECT history FROM replica_state WHERE ref_name = ?", (name,))
+        return str(rows[0][0]) if rows else ""
+
+    def set_replica_history(self, name: str, history: str) -> None:
+        """Records the server history id the replica holds (a no-op without a replica)."""
+        with self._tx() as c:
+            c.execute("UPDATE replica_state SET history = ? WHERE ref_name = ?", (history, name))
+
+    def reset_replica(self, name: str) -> None:
+        """Drops the replica of ``name``, so the next pull starts from a snapshot: for a server
+        whose seqs no longer mean what the replica applied (restored from a backup)."""
+        with self._tx() as c:
+            c.execute("DELETE FROM replica_entities WHERE ref_name = ?", (name,))
+            c.execute("DELETE FROM replica_state WHERE ref_name = ?", (name,))
+
     def replica_entities(self, name: str) -> List[Entity]:
         """The replica's entities ordered by (kind, id)."""
         rows = self._read(
@@ -568,12 +676,15 @@ class Outbox:
         return iter(self.refs())
 
 
-_REF_COLUMNS = "name, uri, state, last_error, session_id, ack_cursor, client_id"
+_REF_COLUMNS = "name, uri, state, last_error, session_id, ack_cursor, client_id, history, healed"
 
 
 def _ref_row(row: Tuple[Any, ...]) -> RefRow:
-    name, uri, state, last_error, session_id, ack_cursor, client_id = row
-    return RefRow(name, uri, state, last_error, session_id, int(ack_cursor), _client_id(name, client_id))
+    name, uri, state, last_error, session_id, ack_cursor, client_id, history, healed = row
+    return RefRow(
+        name, uri, state, last_error, session_id, int(ack_cursor), _client_id(name, client_id), str(history),
+        int(healed),
+    )
 
 
 def _client_id(name: str, value: object) -> bytes:

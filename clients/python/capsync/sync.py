@@ -6,24 +6,41 @@ next batchSeq), then connects and sends ``gateway.redeem(token)`` and every unac
 ``append`` on the redeem result's ``session`` without waiting for the redeem: a
 reconnect-and-replay costs one round trip. Up to ``window`` batches are in flight; acks are
 recorded per op as they arrive.
+
+Healing a server restored from an older backup (README "Backup and restore"): every grant
+carries the server's history id, which a restore changes. A round that sees it change (or whose
+batch is answered ``capsync/gap`` below a batchSeq the server had acknowledged) re-queues every
+op the ref still keeps under a new client id (:meth:`Outbox.heal`) and goes on syncing: the
+server answers ``duplicate`` for what it has and applies what it lost. A sync with nothing
+queued but acked ops kept redeems once to look at the history. After a sync, acked ops older
+than ``keep_acked`` are pruned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import random
+import re
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import capnp
 
 from .connection import Connection, awaited, fill_append, kj_loop, quiet, read_ack, ref_uri, wrap
-from .errors import CapsyncError
+from .errors import GAP, CapsyncError
 from .outbox import BatchAck, FormedBatch, Outbox
 from .uri import SturdyUri
 
-__all__ = ["SyncOptions", "SyncReport", "backoff", "sync_ref"]
+__all__ = ["DEFAULT_KEEP_ACKED", "SyncOptions", "SyncReport", "backoff", "sync_ref"]
+
+log = logging.getLogger("capsync.sync")
+
+#: Acked ops are kept a week by default (seconds).
+DEFAULT_KEEP_ACKED = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -31,7 +48,9 @@ class SyncOptions:
     """How the client batches, pipelines and retries (the Rust ``SyncOptions`` defaults).
 
     ``on_ack`` is called with each :class:`~capsync.outbox.BatchAck` as it arrives (before it
-    is recorded), e.g. for progress displays.
+    is recorded), e.g. for progress displays. ``keep_acked`` (seconds) is how long acked ops
+    are kept after their ack, to heal a server restored from an older backup; older ones are
+    pruned after each sync.
     """
 
     window: int = 16
@@ -44,6 +63,7 @@ class SyncOptions:
     ack_timeout: float = 30.0
     tls_ca: Optional[str] = None
     on_ack: Optional[Callable[[BatchAck], None]] = None
+    keep_acked: float = DEFAULT_KEEP_ACKED
 
     def read_chunk(self) -> int:
         """Unacked batches read from the outbox at a time: enough to fill the window twice."""
@@ -58,8 +78,10 @@ def backoff(options: SyncOptions, attempt: int) -> float:
 
 @dataclass
 class SyncReport:
-    """What a sync did: batches and ops acknowledged, per status, and the server's cursor in
-    the last ack (0 if nothing was sent)."""
+    """What a sync did: batches and ops acknowledged, per status, the server's cursor in the
+    last ack (0 if nothing was sent), and ``healed``: acked ops sent again because the server
+    had lost them (its history changed, or it answered a gap below batches it had
+    acknowledged)."""
 
     batches: int = 0
     ops: int = 0
@@ -68,6 +90,7 @@ class SyncReport:
     conflict: int = 0
     rejected: int = 0
     cursor: int = 0
+    healed: int = 0
 
 
 async def sync_ref(outbox: Outbox, options: SyncOptions, name: str) -> SyncReport:
@@ -78,16 +101,37 @@ async def sync_ref(outbox: Outbox, options: SyncOptions, name: str) -> SyncRepor
     known = [row.session_id if row is not None else ""]
     report = SyncReport()
     failures = 0
+    history_checked = False
     async with kj_loop():
         while True:
             batches = await asyncio.to_thread(_next_batches, outbox, options, name)
             if not batches:
+                # Nothing queued, but acked ops kept: a server restored meanwhile may lack them.
+                kept = 0 if history_checked or report.batches else (await asyncio.to_thread(outbox.counts, name)).acked
+                if kept:
+                    history_checked = True
+                    try:
+                        changed = await _history_changed(outbox, options, name, uri)
+                    except CapsyncError as err:
+                        # Nothing is queued: an unreachable server is no failure of this sync.
+                        log.debug("ref %s: could not check the server's history: %s", name, err)
+                        changed = None
+                    if changed is not None:
+                        await _heal(outbox, name, changed, _RESTORED, report)
+                        continue
+                await asyncio.to_thread(_prune, outbox, options, name)
                 return report
             before = report.batches
             try:
-                await _round(outbox, options, name, uri, batches, report, known)
+                history = await _round(outbox, options, name, uri, batches, report, known)
+                if history is not None:
+                    await _heal(outbox, name, history, _RESTORED, report)
+                    continue
                 failures = 0
             except CapsyncError as err:
+                if err.marker == GAP and await asyncio.to_thread(_server_is_behind, outbox, name, err):
+                    await _heal(outbox, name, None, "the server is behind batches it acknowledged", report)
+                    continue
                 state = err.terminal_state
                 if state is not None:
                     await asyncio.to_thread(outbox.set_ref_state, name, state, str(err))
@@ -108,6 +152,55 @@ def _next_batches(outbox: Outbox, options: SyncOptions, name: str) -> List[Forme
     return outbox.unacked_batches(name, 0, options.read_chunk())
 
 
+_RESTORED = "the server's history changed (restored from a backup)"
+
+
+async def _heal(outbox: Outbox, name: str, history: Optional[str], why: str, report: SyncReport) -> None:
+    """Re-queues every op of ``name`` the client still holds under a new client id (see
+    :meth:`Outbox.heal`)."""
+    healed = await asyncio.to_thread(outbox.heal, name, uuid.uuid4().bytes, history)
+    log.warning("ref %s: %s; re-delivering the %d acked ops this client still holds", name, why, healed)
+    report.healed += healed
+
+
+async def _history_changed(outbox: Outbox, options: SyncOptions, name: str, uri: SturdyUri) -> Optional[str]:
+    """Redeems the ref's token only to read the server's history id; the new id if it
+    changed, else None."""
+    conn = await Connection.open(uri, options.tls_ca, options.connect_timeout)
+    try:
+        _, grant = conn.session(uri)
+        try:
+            results = await asyncio.wait_for(grant, options.ack_timeout)
+        except asyncio.TimeoutError:
+            raise CapsyncError("disconnected: no answer to redeem", kind="disconnected") from None
+        except capnp.KjException as exc:
+            raise wrap(exc) from None
+        history = str(results.grant.history)
+    finally:
+        conn.close()
+    changed = await asyncio.to_thread(outbox.note_history, name, history)
+    return history if changed else None
+
+
+_EXPECTED = re.compile(r"next expected is (\d+)")
+
+
+def _server_is_behind(outbox: Outbox, name: str, err: CapsyncError) -> bool:
+    """Whether a ``capsync/gap`` says the server expects a batchSeq at or below one it already
+    acknowledged: it lost acknowledged batches (an older copy of its database), and resending
+    the unacked ones can never close the gap."""
+    match = _EXPECTED.search(err.message)
+    return match is not None and int(match.group(1)) <= outbox.last_acked_batch(name)
+
+
+def _prune(outbox: Outbox, options: SyncOptions, name: str) -> None:
+    """Forgets the ref's ops acked longer than ``keep_acked`` ago."""
+    cutoff = time.time_ns() // 1_000_000 - int(options.keep_acked * 1000)
+    pruned = outbox.prune_acked(name, cutoff)
+    if pruned:
+        log.debug("ref %s: pruned %d acked ops past the keep time", name, pruned)
+
+
 async def _round(
     outbox: Outbox,
     options: SyncOptions,
@@ -116,9 +209,11 @@ async def _round(
     first: List[FormedBatch],
     report: SyncReport,
     known: List[str],
-) -> None:
+) -> Optional[str]:
     """One connection's worth of work: redeem and replay pipelined, then everything else
-    queued, recording each ack."""
+    queued, recording each ack. Returns the server's new history id if the grant names
+    another history than the ref saw before (the server was restored: heal it), else None;
+    raises what failed on the wire otherwise."""
     window = max(1, options.window)
     chunk = options.read_chunk()
     conn = await Connection.open(uri, options.tls_ca, options.connect_timeout)
@@ -128,6 +223,8 @@ async def _round(
     queue: Deque[FormedBatch] = collections.deque(first)
     more = len(first) >= chunk
     read_up_to = first[-1].batch_seq if first else 0
+    failure: Optional[CapsyncError] = None
+    grant: "Optional[asyncio.Future[Any]]" = None
     try:
         try:
             session, grant = conn.session(uri)
@@ -186,12 +283,12 @@ async def _round(
                 if options.on_ack is not None:
                     options.on_ack(ack)
                 recorder.acked(ack)
-        except CapsyncError:
-            raise
+        except CapsyncError as err:
+            failure = err
         except capnp.KjException as exc:
-            raise wrap(exc) from None
+            failure = wrap(exc)
         except (OSError, EOFError, asyncio.TimeoutError) as exc:
-            raise wrap(exc) from None
+            failure = wrap(exc)
         finally:
             for _, reply in in_flight:
                 reply.cancel()
@@ -199,14 +296,24 @@ async def _round(
                 reading.cancel()
             # Whatever happened on the wire, every ack received is recorded first.
             await recorder.finish()
-        try:
-            results = await asyncio.wait_for(grant, options.ack_timeout)
+        # The grant is looked at whatever happened to the batches: on a restored server they
+        # may well have failed (a gap), and the history tells why.
+        results: Any = None
+        if grant is not None:
+            try:
+                results = await asyncio.wait_for(grant, options.ack_timeout)
+            except (capnp.KjException, asyncio.TimeoutError, OSError, EOFError):
+                results = None
+        if results is not None:
+            if await asyncio.to_thread(outbox.note_history, name, str(results.grant.history)):
+                return str(results.grant.history)
             session_id = str(results.grant.sessionId)
             if session_id and session_id != known[0]:
                 known[0] = session_id
                 await asyncio.to_thread(outbox.set_session_id, name, session_id)
-        except (capnp.KjException, asyncio.TimeoutError):
-            pass
+        if failure is not None:
+            raise failure
+        return None
     finally:
         conn.close()
 

@@ -41,6 +41,10 @@ class CliError(AssertionError):
     pass
 
 
+class ServerExited(AssertionError):
+    """``capsync serve`` exited before it listened (e.g. its address was still in use)."""
+
+
 def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
     """Runs ``capsync ARGS``; on failure raises with the arguments and output redacted."""
     need_binary()
@@ -94,7 +98,7 @@ class Server:
                 raise AssertionError("capsync serve did not report its address in time")
             chunk = os.read(self.proc.stdout.fileno(), 1)
             if not chunk:
-                raise AssertionError(f"capsync serve exited (code {self.proc.wait()}) before listening")
+                raise ServerExited(f"capsync serve exited (code {self.proc.wait()}) before listening")
             line += chunk
         match = re.fullmatch(r"capsync listening on (\S+)", line.decode().strip())
         assert match, "unexpected first line from capsync serve"
@@ -103,6 +107,19 @@ class Server:
         threading.Thread(target=lambda: [None for _ in iter(lambda: stdout.read(4096), b"")], daemon=True).start()
         return self
 
+    def start_at(self, address: str, timeout: float = 15.0) -> "Server":
+        """Starts on the fixed ``address`` (``HOST:PORT``), e.g. a server restored into another
+        data dir taking over the address of the one it replaces, so the URIs clients hold keep
+        working. Retries while the address is still held by the server that left it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.start(listen=address)
+            except ServerExited:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def kill(self) -> None:
         """SIGKILL: a crash, no graceful shutdown."""
         if self.proc is not None and self.proc.poll() is None:
@@ -110,6 +127,7 @@ class Server:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        """SIGTERM: a graceful shutdown (SIGKILL if it takes over 10 s)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -155,6 +173,16 @@ def own_server(tmp_path: Path):
     srv = Server(tmp_path / "data").start()
     yield srv
     srv.kill()
+
+
+def backup(data_dir: Path, to: Path) -> None:
+    """``capsync backup --data-dir DATA_DIR --to TO`` (the server may be running)."""
+    run_cli("backup", "--data-dir", str(data_dir), "--to", str(to))
+
+
+def restore(backup_file: Path, data_dir: Path) -> None:
+    """``capsync restore --from BACKUP --data-dir DATA_DIR`` (a new data dir)."""
+    run_cli("restore", "--from", str(backup_file), "--data-dir", str(data_dir))
 
 
 def cli_pull_json(uri: SturdyUri, outbox: Path) -> Dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import capnp
@@ -169,13 +170,122 @@ def test_version_1_outbox_gives_its_client_id_to_existing_refs(tmp_path: Path) -
     conn.commit()
     conn.close()
     outbox = Outbox(path)
-    assert outbox._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert outbox._conn.execute("PRAGMA user_version").fetchone()[0] == 3
     assert client_id(outbox, "w") == old_id
     outbox.attach("new", f"capsync://h:1/{TOKEN}")
     assert client_id(outbox, "new") not in (old_id, b"")
     outbox.enqueue("w", [capsync.Op(uuid7(), "message", "m", "", b"{}")])
     outbox.form_batches("w", 10, 1 << 20)
     assert outbox.batch_seqs("w") == [(4, old_id, False)]
+
+
+# The outbox schema of version 2, as the previous client created it (no history ids, no
+# healed count, no ack times).
+_V2_SCHEMA = """
+CREATE TABLE refs (name TEXT PRIMARY KEY, uri TEXT NOT NULL, client_id BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'ok', last_error TEXT NOT NULL DEFAULT '',
+    session_id TEXT NOT NULL DEFAULT '', next_batch_seq INTEGER NOT NULL DEFAULT 1,
+    ack_cursor INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+CREATE TABLE ops (seq INTEGER PRIMARY KEY AUTOINCREMENT, op_id BLOB NOT NULL UNIQUE,
+    ref_name TEXT NOT NULL REFERENCES refs(name), kind INTEGER NOT NULL, entity_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL, data BLOB NOT NULL, is_delete INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', batch_seq INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '', ack_seq INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+CREATE INDEX ops_by_batch ON ops(ref_name, batch_seq);
+CREATE INDEX ops_unbatched ON ops(ref_name, seq) WHERE batch_seq IS NULL;
+CREATE TABLE batches (ref_name TEXT NOT NULL, batch_seq INTEGER NOT NULL, client_id BLOB NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (ref_name, batch_seq)) WITHOUT ROWID;
+CREATE TABLE replica_state (ref_name TEXT PRIMARY KEY, session_id TEXT NOT NULL, cursor INTEGER NOT NULL);
+CREATE TABLE replica_entities (ref_name TEXT NOT NULL, kind INTEGER NOT NULL, id TEXT NOT NULL,
+    parent_id TEXT NOT NULL, data BLOB NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (ref_name, kind, id));
+PRAGMA user_version = 2;
+"""
+
+
+def test_version_2_outbox_upgrades_and_keeps_its_acked_ops(tmp_path: Path) -> None:
+    """An outbox of schema version 2 gains history ids, the healed count and ack times; ops it
+    had acked count as acked at the upgrade, so they are kept for the whole keep time."""
+    path = tmp_path / "v2.db"
+    ref_id = bytes(range(16))
+    acked_id, pending_id = uuid7(), uuid7()
+    conn = sqlite3.connect(path)
+    conn.executescript(_V2_SCHEMA)
+    conn.execute(
+        "INSERT INTO refs (name, uri, client_id, next_batch_seq, ack_cursor, created_at) VALUES ('w', ?, ?, 2, 1, 0)",
+        (f"capsync://h:1/{TOKEN}", ref_id),
+    )
+    conn.execute("INSERT INTO batches VALUES ('w', 1, ?, 1)", (ref_id,))
+    for op_id, state, batch in ((acked_id, "acked", 1), (pending_id, "pending", None)):
+        conn.execute(
+            "INSERT INTO ops (op_id, ref_name, kind, entity_id, parent_id, data, is_delete, state, batch_seq, "
+            "created_at) VALUES (?, 'w', 1, ?, '', ?, 0, ?, ?, 0)",
+            (op_id, state, b"{}", state, batch),
+        )
+    conn.execute("INSERT INTO replica_state VALUES ('w', 's', 1)")
+    conn.commit()
+    conn.close()
+    before = time.time_ns() // 1_000_000
+    outbox = Outbox(path)
+    after = time.time_ns() // 1_000_000
+    assert outbox._conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    row = outbox.ref("w")
+    assert row is not None and (row.client_id, row.history, row.healed) == (ref_id, "", 0)
+    acked_at = dict(outbox._conn.execute("SELECT state, acked_at FROM ops"))
+    assert before <= acked_at["acked"] <= after and acked_at["pending"] == 0
+    assert outbox.replica_history("w") == "" and outbox.replica_cursor("w") == ("s", 1)
+    assert outbox.last_acked_batch("w") == 1
+    assert outbox.prune_acked("w", before - 1) == 0, "kept: acked at the upgrade"
+    outbox.close()
+    outbox = Outbox(path)  # opening again changes nothing
+    assert outbox.counts("w").acked == 1
+    assert outbox.prune_acked("w", after) == 1
+    assert [state for _, state, _, _ in outbox.ops("w")] == ["pending"]
+    outbox.close()
+
+
+def test_heal_requeues_every_kept_op_under_a_new_client_id(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.attach("w", f"capsync://h:1/{TOKEN}")
+    outbox.attach("other", f"capsync://h:1/{TOKEN}")
+    old_id = client_id(outbox, "w")
+    ops = [capsync.Op(uuid7(), "message", f"m{i}", "", b"{}") for i in range(6)]
+    outbox.enqueue("w", ops[:5])
+    outbox.enqueue("other", [capsync.Op(uuid7(), "message", "o", "", b"{}")])
+    outbox.form_batches("w", 2, 1 << 20)  # batches 1 [m0 m1], 2 [m2 m3], 3 [m4]
+    outbox.form_batches("other", 2, 1 << 20)
+
+    def result(op: capsync.Op, status: str, seq: int) -> capsync.OpResult:
+        return capsync.OpResult(op.op_id, status, seq, "" if seq else "no")
+
+    outbox.record_progress("w", [1, 2, 3], [
+        capsync.BatchAck(2, 1, (result(ops[0], "applied", 1), result(ops[1], "duplicate", 2))),
+        capsync.BatchAck(2, 2, (result(ops[2], "rejected", 0), result(ops[3], "conflict", 0))),
+    ])
+    outbox.enqueue("w", ops[5:])  # unbatched
+    assert outbox.note_history("w", "h1") is False
+    states = [state for _, state, _, _ in outbox.ops("w")]
+    assert states == ["acked", "acked", "rejected", "conflict", "sent", "pending"]
+    assert outbox.last_acked_batch("w") == 2
+
+    new_id = uuid7()
+    assert outbox.heal("w", new_id, "h2") == 2
+    rows = [(op.id, state, batch) for op, state, batch, _ in outbox.ops("w")]
+    assert rows == [
+        ("m0", "pending", None), ("m1", "pending", None), ("m2", "rejected", 0), ("m3", "conflict", 0),
+        ("m4", "pending", None), ("m5", "pending", None),
+    ]
+    row = outbox.ref("w")
+    assert row is not None and (row.client_id, row.history, row.healed) == (new_id, "h2", 2)
+    assert outbox.batch_seqs("w") == [] and outbox.last_acked_batch("w") == 0
+    assert outbox.form_batches("w", 2, 1 << 20) == 2
+    formed = outbox.unacked_batches("w")
+    assert [(b.batch_seq, b.client_id, [op.id for op in b.ops]) for b in formed] == [
+        (1, new_id, ["m0", "m1"]), (2, new_id, ["m4", "m5"]),
+    ], "in the order they were made, rejected and conflicting ops left out"
+    assert client_id(outbox, "other") != old_id and outbox.batch_seqs("other")[0][0] == 1, "other refs untouched"
+    assert outbox.counts("other").pending == 1
+    assert outbox.heal("w", uuid7()) == 0
+    assert outbox.ref("w").history == "h2" and outbox.ref("w").healed == 2  # type: ignore[union-attr]
 
 
 def test_op_ids_are_increasing_uuid7() -> None:
