@@ -126,6 +126,7 @@ pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<Syn
     let mut report = SyncReport::default();
     let mut failures = 0;
     let mut history_checked = false;
+    let mut gap_before = false;
     loop {
         let (batches, client_id, kept) = db
             .call({
@@ -162,12 +163,18 @@ pub async fn sync_once(db: &Db, name: &str, options: &SyncOptions) -> Result<Syn
                 heal(db, name, Some(history), "the server's history changed (restored from a backup)", &mut report).await?;
                 continue;
             }
-            Err(err) if err.marker() == Some(Marker::Gap) && server_is_behind(db, name, &err).await? => {
+            // A gap in a round whose batches were in flight may be stale (acks of earlier
+            // batches arrived after the server judged the later one); only a gap seen again in
+            // the next round, which starts from the lowest unacked batch, means the server
+            // lost batches it had acknowledged.
+            Err(err) if err.marker() == Some(Marker::Gap) && gap_before && server_is_behind(db, name, &err).await? => {
                 heal(db, name, None, "the server is behind batches it acknowledged", &mut report).await?;
+                gap_before = false;
                 continue;
             }
             Err(err) => Err(err),
         };
+        gap_before = matches!(&outcome, Err(err) if err.marker() == Some(Marker::Gap));
         match outcome {
             Ok(()) => failures = 0,
             Err(err) => {

@@ -2,7 +2,7 @@
 
 use crate::error::{Result, ServerError};
 use crate::registry::{EpochLink, EpochRegistry, ObjectKey};
-use crate::store::{now_ms, Admit, Resolution};
+use crate::store::{now_ms, Resolution};
 use capsync_persistence::server::TargetKind;
 use capsync_persistence::Rights;
 
@@ -32,15 +32,13 @@ impl Access {
         let (id, session, rights, chain) = match token.target_kind {
             TargetKind::Admin => {
                 let epoch = res.admin_epoch.ok_or(ServerError::UnknownToken)?;
-                let link = EpochLink { cell: registry.cell(ObjectKey::Admin, epoch), expected: token.minted_epoch };
+                let link = EpochLink { key: ObjectKey::Admin, cell: registry.cell(ObjectKey::Admin, epoch), expected: token.minted_epoch };
                 ("admin".to_owned(), None, Rights::default(), vec![link])
             }
             TargetKind::Session => {
                 let session = res.session.as_ref().ok_or(ServerError::UnknownToken)?;
-                let link = EpochLink {
-                    cell: registry.cell(ObjectKey::Session(session.id.clone()), session.epoch),
-                    expected: token.minted_epoch,
-                };
+                let key = ObjectKey::Session(session.id.clone());
+                let link = EpochLink { cell: registry.cell(key.clone(), session.epoch), key, expected: token.minted_epoch };
                 (session.id.clone(), Some(session), token.rights, vec![link])
             }
             TargetKind::Share => {
@@ -49,12 +47,12 @@ impl Access {
                 let mut chain = Vec::with_capacity(res.shares.len() + 1);
                 let mut expected = token.minted_epoch;
                 for share in &res.shares {
-                    let cell = registry.cell(ObjectKey::Share(share.id.clone()), share.epoch);
-                    chain.push(EpochLink { cell, expected });
+                    let key = ObjectKey::Share(share.id.clone());
+                    chain.push(EpochLink { cell: registry.cell(key.clone(), share.epoch), key, expected });
                     expected = share.parent_epoch;
                 }
-                let cell = registry.cell(ObjectKey::Session(session.id.clone()), session.epoch);
-                chain.push(EpochLink { cell, expected });
+                let key = ObjectKey::Session(session.id.clone());
+                chain.push(EpochLink { cell: registry.cell(key.clone(), session.epoch), key, expected });
                 (target.id.clone(), Some(session), target.rights, chain)
             }
         };
@@ -85,11 +83,10 @@ impl Access {
         }
     }
 
-    /// The same check, to run on the writer thread right before a write applies.
-    pub fn admit(&self) -> Admit {
-        let chain = self.chain.clone();
-        let expires_at = self.expires_at;
-        Box::new(move || check(&chain, expires_at))
+    /// What a write made through this capability must still match when it applies: the
+    /// store checks it in the write's transaction (see [`Guard`]).
+    pub fn guard(&self) -> Guard {
+        Guard { chain: self.chain.clone(), expires_at: self.expires_at }
     }
 
     /// The epoch of the target object this capability was granted under.
@@ -106,4 +103,21 @@ fn check(chain: &[EpochLink], expires_at: u64) -> Result<()> {
         return Err(ServerError::Expired);
     }
     Ok(())
+}
+
+/// A capability's epoch chain and expiry, handed to the store with a write. The SQLite store
+/// checks the in-memory cells on its single writer thread, where revocations are write
+/// barriers; the PostgreSQL store compares the same links with the stored epochs inside the
+/// write's transaction, under row locks, so no write commits after a revocation on any node.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    pub chain: Vec<EpochLink>,
+    pub expires_at: u64,
+}
+
+impl Guard {
+    /// Checks the in-memory cells and the expiry (no database access).
+    pub fn check(&self) -> Result<()> {
+        check(&self.chain, self.expires_at)
+    }
 }

@@ -203,6 +203,7 @@ impl admin::Server for AdminImpl {
             stats.set_connections(shared.connections.get());
             stats.set_live_capabilities(shared.live_capabilities.get());
             stats.set_subscriptions(shared.subscriptions.get());
+            stats.set_store(shared.store.name());
             Ok(())
         })
         .await

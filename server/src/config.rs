@@ -13,6 +13,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Serve TLS (`capsyncs://`) with this configuration; plain TCP when `None`.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// A `postgres://` / `postgresql://` URL: keep the server's state in that PostgreSQL
+    /// database instead of SQLite in `data_dir` (which then holds only `admin.uri`).
+    pub store_url: Option<String>,
     /// Serve `/metrics`, `/healthz` and `/readyz` over HTTP on this address; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -83,6 +86,6 @@ impl Default for Limits {
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
-        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None, metrics_listen: None }
+        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None, metrics_listen: None, store_url: None }
     }
 }

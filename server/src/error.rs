@@ -26,6 +26,9 @@ pub enum ServerError {
     Overloaded(String),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// The PostgreSQL store failed in a way no retry fixes (or could not be reached at start).
+    #[error("database: {0}")]
+    Database(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("the data dir {} is in use by another capsync server (pid {holder}); stop it first or choose another --data-dir", dir.display())]
@@ -44,7 +47,7 @@ impl ServerError {
             ServerError::Gap { .. } => Marker::Gap,
             ServerError::Diverged(_) => Marker::Diverged,
             ServerError::Overloaded(_) => Marker::Overloaded,
-            ServerError::Storage(_) | ServerError::Io(_) | ServerError::DataDirInUse { .. } => Marker::Internal,
+            ServerError::Storage(_) | ServerError::Database(_) | ServerError::Io(_) | ServerError::DataDirInUse { .. } => Marker::Internal,
         }
     }
 }

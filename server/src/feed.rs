@@ -47,6 +47,12 @@ impl Feed {
         let Some(last) = ops.last().map(|o| o.seq) else { return };
         {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            // Ops published late, after ops that came later (PostgreSQL commits of one session
+            // can finish their calls out of order): the ring is already past them, and a
+            // subscriber behind it reads them from the store.
+            if ring.ops.back().is_some_and(|b| last <= b.seq) {
+                return;
+            }
             let contiguous = ring.ops.back().is_none_or(|b| b.seq + 1 == ops[0].seq);
             if !contiguous {
                 ring.ops.clear();

@@ -33,6 +33,7 @@
 //! - [`sequencer`]: each client's batches in batchSeq order, whatever the dispatch order.
 //! - [`registry`]: in-memory epoch cells that revocation bumps.
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
+//! - [`postgres`]: the same trait on PostgreSQL (`--store postgres://...`).
 //! - [`convert`]: wire structs to storage model and back, with per-op validation.
 //! - [`metrics`]: the Prometheus metrics (fixed label values only).
 //! - [`health`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
@@ -58,6 +59,7 @@ pub mod listener;
 pub mod metrics;
 pub mod health;
 pub mod peers;
+pub mod postgres;
 pub mod registry;
 pub mod sequencer;
 pub mod session;

@@ -51,7 +51,10 @@ pub async fn run(
         let metrics = metrics.clone();
         Arc::new(move |report| metrics.group(report))
     };
-    let store: Rc<dyn Store> = Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads, Some(observer))?);
+    let store: Rc<dyn Store> = match &config.store_url {
+        None => Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads, Some(observer))?),
+        Some(url) => Rc::new(crate::postgres::PostgresStore::connect(url).await?),
+    };
     let registry = Arc::new(EpochRegistry::default());
     let local = listener.local_addr()?;
     bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local, config.tls.is_some()).await?;
@@ -68,7 +71,7 @@ pub async fn run(
     ready(local);
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing, metrics.clone()));
-    info!(address = %local, data_dir = %config.data_dir.display(), "capsync serving");
+    info!(address = %local, data_dir = %config.data_dir.display(), store = store.name(), "capsync serving");
 
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (closing_tx, closing) = watch::channel(false);

@@ -34,6 +34,8 @@ impl Default for EpochRegistry {
 /// One link of a capability's chain: the object's cell and the epoch the grant needs.
 #[derive(Clone, Debug)]
 pub struct EpochLink {
+    /// The object, so a store can check the same link against its own rows.
+    pub key: ObjectKey,
     pub cell: Arc<AtomicU64>,
     pub expected: u64,
 }

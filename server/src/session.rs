@@ -80,8 +80,11 @@ impl session::Server for SessionImpl {
             self.access.check()?;
             let feeds = shared.feeds.clone();
             let publish = Box::new(move |ops| feeds.publish(sid, ops));
-            let pending = shared.store.append(sid, self.access.session_id.clone(), batch, self.access.admit(), publish);
-            shared.sequencer.submitted(sid, client, seq);
+            let pending = shared.store.append(sid, self.access.session_id.clone(), batch, self.access.guard(), publish);
+            let in_call_order = shared.store.applies_in_call_order();
+            if in_call_order {
+                shared.sequencer.submitted(sid, client, seq);
+            }
             let ack = match pending.await {
                 Ok(ack) => ack,
                 Err(err) => {
@@ -89,6 +92,9 @@ impl session::Server for SessionImpl {
                     return Err(err.into());
                 }
             };
+            if !in_call_order {
+                shared.sequencer.submitted(sid, client, seq);
+            }
             // No epoch check here: the writer ordered this batch against every revocation (its
             // admission check ran in the same transaction), so a batch that committed was admitted
             // before the revocation, and answering `revoked` now would hide an applied batch.
@@ -230,7 +236,7 @@ impl session::Server for SessionImpl {
             let mut event = self.conn.event("mint", Some(&self.access), format!("rights={} label={label}", rights.names()));
             event.target_kind = "share".into();
             event.target_id = share_id.clone();
-            self.conn.shared.store.mint_share(share, row, self.access.admit(), event).await?;
+            self.conn.shared.store.mint_share(share, row, self.access.guard(), event).await?;
             self.access.check()?;
             debug!(session = %self.access.session_id, share = %share_id, "minted");
             let mut out = results.get();

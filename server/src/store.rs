@@ -22,10 +22,7 @@ use tokio::sync::oneshot;
 
 pub type Fut<T> = LocalBoxFuture<'static, Result<T>>;
 
-/// A check run on the writer thread right before a write applies: the epoch chain of the
-/// capability that asked for it. Revocations are write barriers, so a write queued behind a
-/// revocation sees it.
-pub type Admit = Box<dyn FnOnce() -> Result<()> + Send>;
+pub use crate::access::Guard;
 
 /// Receives the ops a committed batch applied, for live subscriptions.
 pub type Publish = Box<dyn FnOnce(Vec<LoggedOp>) + Send>;
@@ -53,6 +50,14 @@ pub fn detach(what: &'static str, write: Fut<()>) {
 }
 
 pub trait Store {
+    /// Which store runs: "sqlite" or "postgres" (in `stats`).
+    fn name(&self) -> &'static str;
+    /// Whether writes apply in the order their methods are called (SQLite's single writer
+    /// queue). When not (PostgreSQL: concurrent transactions), a client's next batch is held
+    /// until the previous one has committed, so batches still apply in batchSeq order.
+    fn applies_in_call_order(&self) -> bool {
+        true
+    }
     /// Which copy of history this store holds (see `capsync_persistence::server::history`):
     /// sent with every grant.
     fn history(&self) -> String;
@@ -63,13 +68,13 @@ pub trait Store {
     fn audit(&self, event: AuditEvent) -> Fut<()>;
     /// Applies a batch; once it is durable, `publish` gets the ops it applied (in commit order,
     /// on the storage thread), then the ack is returned.
-    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck>;
+    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, guard: Guard, publish: Publish) -> Fut<BatchAck>;
     fn snapshot_page(&self, sid: i64, after: Option<(EntityKind, String)>, limit: u32) -> Fut<SnapshotPage>;
     fn changes(&self, sid: i64, after: u64, limit: u32) -> Fut<(Vec<LoggedOp>, u64)>;
     fn session(&self, session_id: String) -> Fut<Option<SessionRow>>;
     /// The last batchSeq of `client` applied to session `sid` (0 if none).
     fn last_batch_seq(&self, sid: i64, client: capsync_persistence::Id16) -> Fut<u64>;
-    fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()>;
+    fn mint_share(&self, share: ShareRow, token: TokenRow, guard: Guard, event: AuditEvent) -> Fut<()>;
     fn create_session(&self, session_id: String, title: String, owner: TokenRow, event: AuditEvent) -> Fut<()>;
     /// Bumps the share's epoch; `on_commit` runs once it is durable, before any later write.
     fn revoke_share(&self, share_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
@@ -211,6 +216,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
     fn history(&self) -> String {
         self.history.clone()
     }
@@ -258,13 +267,13 @@ impl Store for SqliteStore {
         self.write(Priority::Normal, 1, move |txn| Ok(txn.audit(&event, now_ms())?), |_| {})
     }
 
-    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, admit: Admit, publish: Publish) -> Fut<BatchAck> {
+    fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, guard: Guard, publish: Publish) -> Fut<BatchAck> {
         let weight = batch.ops.len() as u64;
         let written = self.write(
             Priority::Normal,
             weight,
             move |txn| {
-                admit()?;
+                guard.check()?;
                 let ack = txn.append(sid, &session_id, &batch)?;
                 failpoint::hit("server-before-commit");
                 let applied = applied_ops(batch, &ack);
@@ -294,12 +303,12 @@ impl Store for SqliteStore {
         self.read(move |reader| reader.last_batch_seq(sid, &client))
     }
 
-    fn mint_share(&self, share: ShareRow, token: TokenRow, admit: Admit, event: AuditEvent) -> Fut<()> {
+    fn mint_share(&self, share: ShareRow, token: TokenRow, guard: Guard, event: AuditEvent) -> Fut<()> {
         self.write(
             Priority::Normal,
             1,
             move |txn| {
-                admit()?;
+                guard.check()?;
                 txn.insert_share(&share)?;
                 txn.insert_token(&token)?;
                 txn.audit(&event, share.created_at)?;

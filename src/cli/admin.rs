@@ -233,6 +233,7 @@ async fn command(admin: &admin::Client, uri: &SturdyUri, command: AdminCommand) 
                 "connections": s.get_connections(),
                 "live_capabilities": s.get_live_capabilities(),
                 "subscriptions": s.get_subscriptions(),
+                "store": text(s.get_store())?,
             });
             if json {
                 println!("{stats}");

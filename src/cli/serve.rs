@@ -69,12 +69,47 @@ pub struct ServeArgs {
     /// authentication and shows no secret; keep it on loopback or a private network.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9464")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Keep the server's state in PostgreSQL instead of SQLite in --data-dir (which then holds
+    /// only admin.uri): a libpq-style URL, postgres://USER[:PASSWORD]@HOST:PORT/DATABASE. The
+    /// role must be able to create tables in that database. Without it: SQLite.
+    #[arg(long, env = "CAPSYNC_STORE", hide_env_values = true, value_name = "URL", value_parser = StoreUrlParser)]
+    store: Option<StoreUrl>,
+}
+
+/// A PostgreSQL URL; its `Debug` hides it (it may hold a password).
+#[derive(Clone)]
+struct StoreUrl(String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreUrl(<redacted>)")
+    }
+}
+
+/// Accepts `postgres://` and `postgresql://` URLs. The error never echoes the value (clap's
+/// own would): it may hold a password.
+#[derive(Clone, Copy)]
+struct StoreUrlParser;
+
+impl clap::builder::TypedValueParser for StoreUrlParser {
+    type Value = StoreUrl;
+
+    fn parse_ref(&self, _: &clap::Command, _: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<StoreUrl, clap::Error> {
+        use clap::error::ErrorKind;
+        let text = value.to_str().ok_or_else(|| clap::Error::raw(ErrorKind::InvalidUtf8, "the --store URL is not UTF-8\n"))?;
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(StoreUrl(text.to_owned()))
+        } else {
+            Err(clap::Error::raw(ErrorKind::ValueValidation, "--store takes a postgres:// or postgresql:// URL (without it: SQLite in --data-dir)\n"))
+        }
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = capsync_server::ServerConfig::new(&args.data_dir);
     config.max_connections = args.max_connections.max(1);
     config.metrics_listen = args.metrics_listen;
+    config.store_url = args.store.map(|url| url.0);
     let limits = &mut config.limits;
     limits.traversal_limit_words = (args.max_message_bytes / 8).max(1024);
     limits.max_batch_ops = args.max_batch_ops;

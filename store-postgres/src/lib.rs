@@ -41,6 +41,8 @@
 //! it replaced by U+FFFD. Ids that are ordered (entities, sessions, shares) are stored
 //! `COLLATE "C"`, so pages come in byte order, as in SQLite, whatever the database's locale.
 
+#[cfg(feature = "testing")]
+pub mod testing;
 mod append;
 pub mod migrate;
 
@@ -646,6 +648,12 @@ impl PgStore {
 
     /// A readiness probe: a connection from the pool answers and the server accepts writes
     /// (is not a standby in recovery).
+    /// The database's history id (see `migrate`'s version 2).
+    pub async fn history(&self) -> Result<String, PgError> {
+        let client = self.pool.get().await?;
+        Ok(client.query_one("SELECT history FROM history WHERE id = 1", &[]).await?.get(0))
+    }
+
     pub async fn probe(&self) -> Result<(), PgError> {
         let client = self.client().await?;
         let in_recovery: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);

@@ -20,10 +20,23 @@ pub struct Migration {
 }
 
 /// Every version, in order. Append new versions at the end; never edit a released one.
-pub const MIGRATIONS: &[Migration] = &[Migration { version: 1, description: "initial schema", sql: V1 }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, description: "initial schema", sql: V1 },
+    Migration { version: 2, description: "history id", sql: V2 },
+];
 
 /// The version this build brings a database to.
-pub const LATEST: i32 = 1;
+pub const LATEST: i32 = 2;
+
+/// Which copy of history this database is (as the SQLite store's `history` table): made with
+/// the database; a restore from a backup must give it a new one so clients heal the server.
+const V2: &str = "
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    history TEXT NOT NULL
+);
+INSERT INTO history (id, history) VALUES (1, md5(random()::text || clock_timestamp()::text));
+";
 
 /// The advisory lock key the migrations run under (an arbitrary constant: "capsync" in ASCII,
 /// so it is recognisable in `pg_locks`).

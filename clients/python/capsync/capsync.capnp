@@ -222,6 +222,7 @@ struct Stats {
   connections @3 :UInt64;  # open connections now
   liveCapabilities @4 :UInt64;
   subscriptions @5 :UInt64;
+  store @6 :Text;          # which store keeps the server's state: "sqlite" or "postgres"
 }
 
 # The server's admin object. Its token is in <data-dir>/admin.uri.
