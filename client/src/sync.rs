@@ -221,14 +221,19 @@ async fn heal(db: &Db, name: &str, history: Option<String>, why: &'static str, r
     Ok(())
 }
 
-/// Redeems the ref's token only to read the server's history id; `Some` if it changed.
-async fn history_changed(db: &Db, name: &str, uri: &SturdyUri, options: &SyncOptions) -> Result<Option<String>> {
-    let conn = tokio::time::timeout(options.connect_timeout, Connection::connect(uri, options.tls_ca.as_deref()))
+/// Dials the ref's server, giving up after the connect timeout.
+async fn connect(uri: &SturdyUri, options: &SyncOptions) -> Result<Connection> {
+    tokio::time::timeout(options.connect_timeout, Connection::connect(uri, options.tls_ca.as_deref()))
         .await
         .map_err(|_| ClientError::Connect {
             address: uri.address.clone(),
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-        })??;
+        })?
+}
+
+/// Redeems the ref's token only to read the server's history id; `Some` if it changed.
+async fn history_changed(db: &Db, name: &str, uri: &SturdyUri, options: &SyncOptions) -> Result<Option<String>> {
+    let conn = connect(uri, options).await?;
     let (_session, grant) = conn.session(&uri.token);
     let grant = tokio::time::timeout(options.ack_timeout, grant)
         .await
@@ -378,12 +383,7 @@ async fn round(
     options: &SyncOptions,
     report: &mut SyncReport,
 ) -> Result<RoundEnd> {
-    let conn = tokio::time::timeout(options.connect_timeout, Connection::connect(uri, options.tls_ca.as_deref()))
-        .await
-        .map_err(|_| ClientError::Connect {
-            address: uri.address.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-        })??;
+    let conn = connect(uri, options).await?;
     let (session, grant) = conn.session(&uri.token);
     // Progress (batches sent, acks) is recorded by one task that commits whatever has
     // accumulated in one local transaction, so the send window refills at network speed

@@ -4,6 +4,7 @@
 //! They mirror the wire structs of `schema/capsync.capnp` without depending on capnp or on any
 //! storage engine, so each store and each side of the wire uses one definition.
 
+pub mod replay;
 pub mod stored;
 
 use sha2::{Digest, Sha256};

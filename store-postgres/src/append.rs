@@ -33,7 +33,7 @@ pub(crate) async fn append(
         return Err(PgError::ZeroBatchSeq);
     }
     let client_id = &batch.client_id[..];
-    let op_ids = encode_op_ids(batch);
+    let op_ids = capsync_model::replay::encode_op_ids(batch);
     let batch_seq = batch.batch_seq as i64;
 
     // What the per-op decisions need, in one pipelined round trip.
@@ -123,7 +123,7 @@ pub(crate) async fn append(
     }
 
     write_ops(tx, sid, &applied).await?;
-    let results_blob = encode_results(&results);
+    let results_blob = capsync_model::replay::encode_results(&results);
     let cursor_stmt = tx.prepare_cached("UPDATE sessions SET cursor = $2 WHERE sid = $1").await?;
     let batch_stmt = tx
         .prepare_cached(
@@ -261,7 +261,7 @@ async fn replay(
         return Err(PgError::Diverged { batch_seq: batch.batch_seq });
     }
     let mut results =
-        decode_results(&stored_results).ok_or_else(|| PgError::Other("a stored batch result is corrupt".into()))?;
+        capsync_model::replay::decode_results(&stored_results).ok_or_else(|| PgError::Other("a stored batch result is corrupt".into()))?;
     for (outcome, op) in results.iter_mut().zip(&batch.ops) {
         outcome.op_id = op.op_id.clone();
         if outcome.status == OpStatus::Applied {
@@ -269,56 +269,4 @@ async fn replay(
         }
     }
     Ok(Appended { ack: BatchAck { cursor, batch_seq: batch.batch_seq, results }, applied: Vec::new() })
-}
-
-/// The batch's opIds as stored for replays: per op its length (u32 LE), then its bytes (ids of
-/// rejected ops may have any length, and the list must still compare exactly). The SQLite
-/// store's encoding.
-fn encode_op_ids(batch: &IncomingBatch) -> Vec<u8> {
-    batch
-        .ops
-        .iter()
-        .flat_map(|op| (op.op_id.len() as u32).to_le_bytes().into_iter().chain(op.op_id.iter().copied()))
-        .collect()
-}
-
-/// Results as stored for replays: per op, status (1 byte), seq (8), reason length (4), reason.
-/// The SQLite store's encoding.
-fn encode_results(results: &[OpOutcome]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(results.len() * 13);
-    for r in results {
-        out.push(r.status as u8);
-        out.extend_from_slice(&r.seq.to_le_bytes());
-        out.extend_from_slice(&(r.reason.len() as u32).to_le_bytes());
-        out.extend_from_slice(r.reason.as_bytes());
-    }
-    out
-}
-
-fn decode_results(mut bytes: &[u8]) -> Option<Vec<OpOutcome>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let status = OpStatus::from_code(*bytes.first()?)?;
-        let seq = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
-        let len = u32::from_le_bytes(bytes.get(9..13)?.try_into().ok()?) as usize;
-        let reason = String::from_utf8(bytes.get(13..13 + len)?.to_vec()).ok()?;
-        bytes = &bytes[13 + len..];
-        out.push(OpOutcome { op_id: Vec::new(), status, seq, reason });
-    }
-    Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn results_round_trip() {
-        let results = vec![
-            OpOutcome { op_id: Vec::new(), status: OpStatus::Applied, seq: 7, reason: String::new() },
-            OpOutcome { op_id: Vec::new(), status: OpStatus::Rejected, seq: 0, reason: "nope ✓".into() },
-        ];
-        assert_eq!(decode_results(&encode_results(&results)), Some(results));
-        assert_eq!(decode_results(&[9]), None);
-    }
 }

@@ -1,6 +1,7 @@
 //! Applying a batch: dedupe, replay, gap and divergence detection (DESIGN §5).
 
 use crate::model::*;
+use capsync_model::replay::{decode_results, encode_op_ids, encode_results};
 use crate::writer::Txn;
 use crate::StorageError;
 use rusqlite::{params, OptionalExtension};
@@ -36,7 +37,7 @@ impl Txn<'_> {
             .conn
             .prepare_cached("SELECT coalesce(max(batch_seq), 0) FROM client_batches WHERE sid = ?1 AND client_id = ?2")?
             .query_row(params![sid, &batch.client_id[..]], |r| r.get::<_, i64>(0))? as u64;
-        let op_ids: Vec<u8> = batch.ops.iter().flat_map(|op| encode_op_id(&op.op_id)).collect();
+        let op_ids = encode_op_ids(batch);
         if batch.batch_seq <= last {
             return self.replay(sid, batch, &op_ids);
         }
@@ -176,33 +177,5 @@ impl Txn<'_> {
     }
 }
 
-/// An opId in the stored id list: its length, then its bytes (ids of rejected ops may have
-/// any length, and the list must still compare exactly).
-fn encode_op_id(op_id: &[u8]) -> impl Iterator<Item = u8> + '_ {
-    (op_id.len() as u32).to_le_bytes().into_iter().chain(op_id.iter().copied())
-}
 
-/// Results as stored for replays: per op, status (1 byte), seq (8), reason length (4), reason.
-fn encode_results(results: &[OpOutcome]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(results.len() * 13);
-    for r in results {
-        out.push(r.status as u8);
-        out.extend_from_slice(&r.seq.to_le_bytes());
-        out.extend_from_slice(&(r.reason.len() as u32).to_le_bytes());
-        out.extend_from_slice(r.reason.as_bytes());
-    }
-    out
-}
 
-fn decode_results(mut bytes: &[u8]) -> Option<Vec<OpOutcome>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let status = OpStatus::from_code(*bytes.first()?)?;
-        let seq = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
-        let len = u32::from_le_bytes(bytes.get(9..13)?.try_into().ok()?) as usize;
-        let reason = String::from_utf8(bytes.get(13..13 + len)?.to_vec()).ok()?;
-        bytes = &bytes[13 + len..];
-        out.push(OpOutcome { op_id: Vec::new(), status, seq, reason });
-    }
-    Some(out)
-}
