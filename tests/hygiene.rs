@@ -9,27 +9,29 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-#[test]
-fn no_flow_logs_prints_or_audits_a_token() {
-    flows("text");
-}
-
-/// The same with `--log-format json` (issue 18): the JSON logs hold no token either, and every
-/// line the server logged is one JSON object.
-#[test]
-fn no_flow_logs_a_token_in_json_logs_either() {
-    let server_log = flows("json");
-    let mut calls = 0;
-    for line in server_log.lines().filter(|l| !l.trim().is_empty()) {
-        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        assert!(event["level"].is_string() && event["fields"].is_object(), "a tracing JSON event: {line}");
-        let fields = &event["fields"];
-        if fields["message"] == "call" {
-            assert!(fields["method"].is_string() && fields["marker"].is_string() && fields["duration_ms"].is_number(), "{line}");
-            calls += 1;
-        }
+on_both_stores! {
+    #[test]
+    fn no_flow_logs_prints_or_audits_a_token() {
+        flows("text");
     }
-    assert!(calls > 10, "every call is logged with method, marker and duration_ms");
+
+    /// The same with `--log-format json` (issue 18): the JSON logs hold no token either, and every
+    /// line the server logged is one JSON object.
+    #[test]
+    fn no_flow_logs_a_token_in_json_logs_either() {
+        let server_log = flows("json");
+        let mut calls = 0;
+        for line in server_log.lines().filter(|l| !l.trim().is_empty()) {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            assert!(event["level"].is_string() && event["fields"].is_object(), "a tracing JSON event: {line}");
+            let fields = &event["fields"];
+            if fields["message"] == "call" {
+                assert!(fields["method"].is_string() && fields["marker"].is_string() && fields["duration_ms"].is_number(), "{line}");
+                calls += 1;
+            }
+        }
+        assert!(calls > 10, "every call is logged with method, marker and duration_ms");
+    }
 }
 
 /// Runs every flow with logs in `format`; returns the server's log.
@@ -112,14 +114,13 @@ fn flows(format: &str) -> String {
     assert!(printed.contains("capsync/revoked"), "the flows hit the revoked path");
     assert_no_tokens(&printed, &tokens, "the CLI's output and logs");
     assert_no_tokens(&server.log_text(), &tokens, "the server log");
-    let db = rusqlite::Connection::open(data.join("capsync.db")).unwrap();
-    let audit: Vec<String> = db
-        .prepare("SELECT action || ' ' || target_id || ' ' || session_id || ' ' || peer || ' ' || detail FROM audit")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let audit = query_store(
+        &data,
+        "SELECT action, target_id, session_id, peer, detail FROM audit",
+        "SELECT action, target_id, session_id, peer, detail FROM audit",
+    );
+    let audit: Vec<String> =
+        audit.into_iter().map(|row| row.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>().join(" ")).collect();
     assert!(audit.len() > 10);
     assert_no_tokens(&audit.join("\n"), &tokens, "the audit table");
     server.log_text()

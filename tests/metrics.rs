@@ -11,86 +11,126 @@ use common::*;
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
-/// One HTTP/1.1 GET on a fresh connection: (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: capsync\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
-}
-
-/// The metrics address the server logged.
-fn metrics_addr(server: &Server) -> String {
-    let log = server.log_text();
-    let line = log.lines().find(|l| l.contains("serving /metrics")).expect("the server logs its metrics address");
-    line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-}
-
 /// The value of the sample named exactly `series` (name and labels), if present.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
-#[test]
-fn metrics_count_calls_ops_redeems_and_revocations_with_fixed_labels_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
-    let http = metrics_addr(&server);
-    let (session_id, owner) = new_session(&server);
-    let forged = Token::generate();
-    let share = run_local(async {
-        let conn = Connection::open(&server.addr).await.unwrap();
-        let (session, _) = conn.session(&owner);
-        let client = new_client_id();
-        let first = [put(Message, "m1", "", "{}")];
-        append(&session, &client, 1, &first).await.unwrap();
-        for seq in 2..=3 {
-            append(&session, &client, seq, &[put(Message, &format!("m{seq}"), "", "{}")]).await.unwrap();
+on_both_stores! {
+    #[test]
+    fn metrics_count_calls_ops_redeems_and_revocations_with_fixed_labels_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
+        let http = metrics_addr(&server);
+        let (session_id, owner) = new_session(&server);
+        let forged = Token::generate();
+        let share = run_local(async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            let (session, _) = conn.session(&owner);
+            let client = new_client_id();
+            let first = [put(Message, "m1", "", "{}")];
+            append(&session, &client, 1, &first).await.unwrap();
+            for seq in 2..=3 {
+                append(&session, &client, seq, &[put(Message, &format!("m{seq}"), "", "{}")]).await.unwrap();
+            }
+            // The first op again from another client: a duplicate.
+            append(&session, &new_client_id(), 1, &first).await.unwrap();
+            let (share, share_id) = mint(&session, "read", "metrics", 0).await.unwrap();
+            let admin = admin_cap(&conn, &server.admin_uri().token);
+            let mut request = admin.revoke_share_request();
+            request.get().set_share_id(share_id.as_str());
+            request.send().promise.await.unwrap();
+            let (bad, _) = conn.session(&forged);
+            assert!(cursor(&bad).await.is_err());
+            share
+        });
+
+        let (status, text) = get(&http, "/metrics");
+        assert_eq!(status, 200);
+        assert_eq!(sample(&text, "capsync_calls_total{method=\"append\",outcome=\"ok\"}"), Some(4.0), "{text}");
+        assert_eq!(sample(&text, "capsync_ops_total{status=\"applied\"}"), Some(3.0), "{text}");
+        assert_eq!(sample(&text, "capsync_ops_total{status=\"duplicate\"}"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "capsync_redeems_total{outcome=\"capsync/unknown-token\"}"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "capsync_revocations_total{kind=\"share\"}"), Some(1.0), "{text}");
+        assert!(sample(&text, "capsync_commit_seconds_count").is_some_and(|n| n >= 4.0), "{text}");
+        assert!(sample(&text, "capsync_ops_per_commit_sum").is_some_and(|n| n >= 3.0), "{text}");
+        assert!(sample(&text, "capsync_connections").is_some(), "{text}");
+        // Bounded labels: no id, no token.
+        assert!(!text.contains(&session_id), "a session id in a label");
+        assert_no_tokens(&text, &[owner, share, forged, server.admin_uri().token], "the metrics");
+
+        // A frame over the message limit: capnp closes the connection; the limit is counted.
+        let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
+        raw.write_all(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x0f]).unwrap();
+        let mut sink = Vec::new();
+        let _ = raw.read_to_end(&mut sink);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while sample(&get(&http, "/metrics").1, "capsync_limit_refusals_total{reason=\"frame-too-large\"}") != Some(1.0) {
+            assert!(std::time::Instant::now() < deadline, "the refused frame was not counted");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        // The first op again from another client: a duplicate.
-        append(&session, &new_client_id(), 1, &first).await.unwrap();
-        let (share, share_id) = mint(&session, "read", "metrics", 0).await.unwrap();
-        let admin = admin_cap(&conn, &server.admin_uri().token);
-        let mut request = admin.revoke_share_request();
-        request.get().set_share_id(share_id.as_str());
-        request.send().promise.await.unwrap();
-        let (bad, _) = conn.session(&forged);
-        assert!(cursor(&bad).await.is_err());
-        share
-    });
 
-    let (status, text) = get(&http, "/metrics");
-    assert_eq!(status, 200);
-    assert_eq!(sample(&text, "capsync_calls_total{method=\"append\",outcome=\"ok\"}"), Some(4.0), "{text}");
-    assert_eq!(sample(&text, "capsync_ops_total{status=\"applied\"}"), Some(3.0), "{text}");
-    assert_eq!(sample(&text, "capsync_ops_total{status=\"duplicate\"}"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "capsync_redeems_total{outcome=\"capsync/unknown-token\"}"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "capsync_revocations_total{kind=\"share\"}"), Some(1.0), "{text}");
-    assert!(sample(&text, "capsync_commit_seconds_count").is_some_and(|n| n >= 4.0), "{text}");
-    assert!(sample(&text, "capsync_ops_per_commit_sum").is_some_and(|n| n >= 3.0), "{text}");
-    assert!(sample(&text, "capsync_connections").is_some(), "{text}");
-    // Bounded labels: no id, no token.
-    assert!(!text.contains(&session_id), "a session id in a label");
-    assert_no_tokens(&text, &[owner, share, forged, server.admin_uri().token], "the metrics");
-
-    // A frame over the message limit: capnp closes the connection; the limit is counted.
-    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
-    raw.write_all(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x0f]).unwrap();
-    let mut sink = Vec::new();
-    let _ = raw.read_to_end(&mut sink);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while sample(&get(&http, "/metrics").1, "capsync_limit_refusals_total{reason=\"frame-too-large\"}") != Some(1.0) {
-        assert!(std::time::Instant::now() < deadline, "the refused frame was not counted");
-        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(get(&http, "/healthz").0, 200);
+        assert_eq!(get(&http, "/readyz"), (200, "ready\n".to_owned()));
+        assert_eq!(get(&http, "/nothing").0, 404);
     }
 
-    assert_eq!(get(&http, "/healthz").0, 200);
-    assert_eq!(get(&http, "/readyz"), (200, "ready\n".to_owned()));
-    assert_eq!(get(&http, "/nothing").0, 404);
+    #[test]
+    fn readyz_is_not_ready_once_shutdown_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        // The held write keeps the shutdown from finishing (it drains the writer), so the endpoint
+        // is still up to be asked.
+        let (mut server, http, release, writer) = held_writer(dir.path());
+        let status = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let seen = loop {
+            let (status, body) = get(&http, "/readyz");
+            if status == 503 && body.contains("shutting down") {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::fs::write(&release, b"").unwrap();
+        let _ = writer.join().unwrap();
+        assert!(seen, "/readyz never said it was shutting down");
+        assert!(server.stop_wait().success(), "the server finished its shutdown");
+    }
+
+    #[test]
+    fn applied_ops_in_the_metrics_equal_what_a_push_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
+        let http = metrics_addr(&server);
+        let (_, owner) = new_session(&server);
+        let uri = capsync_schema::SturdyUri::new(server.addr.clone(), owner).expose();
+        let applied = |text: &str| sample(text, "capsync_ops_total{status=\"applied\"}").unwrap_or(0.0);
+        let mut seen = vec![applied(&get(&http, "/metrics").1)];
+        let file = dir.path().join("ops.jsonl");
+        write_jsonl(&file, 5000, "m");
+        let mut push = std::process::Command::new(BIN)
+            .args(["push", &uri, "--file", file.to_str().unwrap()])
+            .env("CAPSYNC_OUTBOX", dir.path().join("outbox.db"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Scraped while the push runs (how many scrapes land mid-push depends on the machine).
+        while push.try_wait().unwrap().is_none() {
+            seen.push(applied(&get(&http, "/metrics").1));
+        }
+        let mut printed = String::new();
+        push.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+        assert!(push.wait().unwrap().success());
+        assert!(printed.contains("pushed 5000 ops"), "{printed}");
+        seen.push(applied(&get(&http, "/metrics").1));
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "the counter only grows: {seen:?}");
+        assert_eq!((seen[0], *seen.last().unwrap()), (0.0, 5000.0), "applied ops = what the push acked");
+    }
 }
 
 /// A server whose first append holds the writer inside its transaction until `release` exists,
@@ -120,6 +160,7 @@ fn held_writer(dir: &std::path::Path) -> (Server, String, std::path::PathBuf, st
     (server, http, release, writer)
 }
 
+/// SQLite only: a write held on the writer thread (on PostgreSQL, see tests/postgres_faults.rs).
 #[test]
 fn readyz_is_not_ready_while_the_store_cannot_take_a_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,61 +173,4 @@ fn readyz_is_not_ready_while_the_store_cannot_take_a_write() {
     assert_eq!(writer.join().unwrap().unwrap(), 1);
     assert_eq!(get(&http, "/readyz").0, 200);
     server.stop();
-}
-
-#[test]
-fn readyz_is_not_ready_once_shutdown_begins() {
-    let dir = tempfile::tempdir().unwrap();
-    // The held write keeps the shutdown from finishing (it drains the writer), so the endpoint
-    // is still up to be asked.
-    let (mut server, http, release, writer) = held_writer(dir.path());
-    let status = std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let seen = loop {
-        let (status, body) = get(&http, "/readyz");
-        if status == 503 && body.contains("shutting down") {
-            break true;
-        }
-        if std::time::Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::fs::write(&release, b"").unwrap();
-    let _ = writer.join().unwrap();
-    assert!(seen, "/readyz never said it was shutting down");
-    assert!(server.stop_wait().success(), "the server finished its shutdown");
-}
-
-#[test]
-fn applied_ops_in_the_metrics_equal_what_a_push_acked() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
-    let http = metrics_addr(&server);
-    let (_, owner) = new_session(&server);
-    let uri = capsync_schema::SturdyUri::new(server.addr.clone(), owner).expose();
-    let applied = |text: &str| sample(text, "capsync_ops_total{status=\"applied\"}").unwrap_or(0.0);
-    let mut seen = vec![applied(&get(&http, "/metrics").1)];
-    let file = dir.path().join("ops.jsonl");
-    write_jsonl(&file, 5000, "m");
-    let mut push = std::process::Command::new(BIN)
-        .args(["push", &uri, "--file", file.to_str().unwrap()])
-        .env("CAPSYNC_OUTBOX", dir.path().join("outbox.db"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Scraped while the push runs (how many scrapes land mid-push depends on the machine).
-    while push.try_wait().unwrap().is_none() {
-        seen.push(applied(&get(&http, "/metrics").1));
-    }
-    let mut printed = String::new();
-    push.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
-    assert!(push.wait().unwrap().success());
-    assert!(printed.contains("pushed 5000 ops"), "{printed}");
-    seen.push(applied(&get(&http, "/metrics").1));
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "the counter only grows: {seen:?}");
-    assert_eq!((seen[0], *seen.last().unwrap()), (0.0, 5000.0), "applied ops = what the push acked");
 }

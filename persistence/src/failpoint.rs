@@ -56,6 +56,19 @@ fn parse(item: &str) -> (String, Armed) {
     (name.to_owned(), Armed { nth: nth.parse().unwrap_or(1).max(1), action, hits: AtomicU64::new(0) })
 }
 
+/// Whether any failpoint is armed: async callers hand hits to a blocking thread only then
+/// (a `hold` or `pause` must never block an async runtime's thread).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn any_armed() -> bool {
+    false
+}
+
+#[cfg(feature = "failpoints")]
+pub fn any_armed() -> bool {
+    !armed().is_empty()
+}
+
 /// Aborts the process (or parks this thread) if `name` is armed and this is its configured hit.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]

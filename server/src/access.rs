@@ -1,7 +1,8 @@
 //! What a live capability may do, and the check every call makes before it runs.
 
 use crate::error::{Result, ServerError};
-use crate::registry::{EpochLink, EpochRegistry, ObjectKey};
+use crate::registry::{Currency, EpochLink, EpochRegistry, ObjectKey};
+use std::sync::Arc;
 use crate::store::{now_ms, Resolution};
 use capsync_persistence::server::TargetKind;
 use capsync_persistence::Rights;
@@ -21,6 +22,8 @@ pub struct Access {
     pub expires_at: u64,
     /// The target's own link first, then its parents' up to the session.
     pub chain: Vec<EpochLink>,
+    /// Whether this node's epoch cells are current (see [`EpochRegistry::currency`]).
+    pub currency: Arc<Currency>,
 }
 
 impl Access {
@@ -64,13 +67,18 @@ impl Access {
             rights,
             expires_at: token.expires_at,
             chain,
+            currency: registry.currency(),
         };
         access.check()?;
         Ok(access)
     }
 
-    /// One comparison per link and a clock read: no database access.
+    /// One comparison per link and a clock read: no database access. While this node may
+    /// have missed another node's revocation, the call is refused as retryable.
     pub fn check(&self) -> Result<()> {
+        if !self.currency.holds() {
+            return Err(ServerError::Overloaded("this node is catching up with other nodes' revocations; retry".into()));
+        }
         check(&self.chain, self.expires_at)
     }
 

@@ -2,10 +2,12 @@
 //!
 //! On first start the server creates the admin object, mints its token and writes
 //! `capsync://HOST:PORT/TOKEN` to `admin.uri` with mode 0600 (the file is created 0600 before
-//! the token is written into it). On later starts it keeps the token in the file and only
-//! rewrites the address if the server now listens elsewhere. If the file is gone or holds a
-//! token that no longer works, the admin epoch is bumped (every older admin token dies) and a
-//! new token is written. The token is never logged.
+//! the token is written into it). HOST:PORT is `--advertise` if given, else the listen address.
+//! On later starts it keeps the token in the file and only rewrites the address if it
+//! changed. If the file is gone or holds a token that no longer works, a new admin token is
+//! minted ([`Store::renew_admin`]): on SQLite the admin epoch is bumped first (every older
+//! admin token dies); on PostgreSQL, which several nodes share, it is minted at the epoch in
+//! force, beside the other nodes' tokens. The token is never logged.
 
 use crate::access::Access;
 use crate::error::Result;
@@ -32,9 +34,10 @@ pub fn dial_address(addr: SocketAddr) -> String {
     SocketAddr::new(ip, addr.port()).to_string()
 }
 
-pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_dir: &Path, listen: SocketAddr, tls: bool) -> Result<()> {
+/// Makes sure `<data_dir>/admin.uri` holds a working admin token with `address` (the one
+/// clients should dial) and the TLS flag.
+pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_dir: &Path, address: String, tls: bool) -> Result<()> {
     let path = data_dir.join(ADMIN_URI_FILE);
-    let address = dial_address(listen);
     if let Some(existing) = std::fs::read_to_string(&path).ok().and_then(|t| SturdyUri::parse(&t).ok()) {
         let resolution = store.resolve_token(existing.token.hash().0).await?;
         let valid = resolution.as_ref().is_some_and(|r| {

@@ -16,6 +16,10 @@ pub struct ServerConfig {
     /// A `postgres://` / `postgresql://` URL: keep the server's state in that PostgreSQL
     /// database instead of SQLite in `data_dir` (which then holds only `admin.uri`).
     pub store_url: Option<String>,
+    /// The address clients should dial, written into `admin.uri` (and so into every URI the
+    /// CLI prints from it): a load balancer's in front of several nodes. `None`: the listen
+    /// address (a wildcard one as loopback).
+    pub advertise: Option<String>,
     /// Serve `/metrics`, `/healthz` and `/readyz` over HTTP on this address; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -86,6 +90,6 @@ impl Default for Limits {
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
-        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None, metrics_listen: None, store_url: None }
+        ServerConfig { data_dir: data_dir.into(), max_connections: 4096, reader_threads: 2, limits: Limits::default(), tls: None, metrics_listen: None, store_url: None, advertise: None }
     }
 }

@@ -71,6 +71,16 @@ impl Feed {
         self.head.send_modify(|head| *head = (*head).max(last));
     }
 
+    /// Another node's commit took the session to `cursor`: subscribers wake and read the
+    /// missing ops from the store.
+    fn advance(&self, cursor: u64) {
+        self.head.send_if_modified(|head| {
+            let moved = cursor > *head;
+            *head = (*head).max(cursor);
+            moved
+        });
+    }
+
     /// Ops after `cursor` from the ring, up to `max_ops` and about `max_bytes`. `None` when
     /// the ring cannot answer (the subscriber is behind it): read the log instead.
     pub fn read_after(&self, cursor: u64, max_ops: usize, max_bytes: usize) -> Option<Vec<Arc<LoggedOp>>> {
@@ -78,7 +88,8 @@ impl Feed {
         let first = ring.ops.front()?.seq;
         let last = ring.ops.back()?.seq;
         if cursor >= last {
-            return Some(Vec::new());
+            // Another node committed past the ring: those ops are in the store only.
+            return if *self.head.borrow() > cursor { None } else { Some(Vec::new()) };
         }
         if cursor + 1 < first {
             return None;
@@ -120,6 +131,19 @@ impl Feeds {
             if entry.1 == 0 {
                 feeds.remove(&sid);
             }
+        }
+    }
+
+    /// The sessions that have subscribers here.
+    pub fn sids(&self) -> Vec<i64> {
+        self.feeds.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    /// A commit elsewhere took session `sid` to `cursor`.
+    pub fn advance(&self, sid: i64, cursor: u64) {
+        let feed = self.feeds.lock().unwrap_or_else(|p| p.into_inner()).get(&sid).map(|(f, _)| f.clone());
+        if let Some(feed) = feed {
+            feed.advance(cursor);
         }
     }
 

@@ -32,6 +32,8 @@
 //! - [`access`]: a grant's rights, expiry and epoch chain, checked on every call.
 //! - [`sequencer`]: each client's batches in batchSeq order, whatever the dispatch order.
 //! - [`registry`]: in-memory epoch cells that revocation bumps.
+//! - [`fanout`]: other nodes' revocations and appends (from a shared store's events) applied
+//!   to the cells and feeds of this one.
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).
 //! - [`postgres`]: the same trait on PostgreSQL (`--store postgres://...`).
 //! - [`convert`]: wire structs to storage model and back, with per-op validation.
@@ -52,6 +54,7 @@ pub mod connection;
 pub mod convert;
 pub mod datadir;
 pub mod error;
+pub mod fanout;
 pub mod feed;
 pub mod frames;
 pub mod gateway;

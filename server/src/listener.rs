@@ -53,11 +53,12 @@ pub async fn run(
     };
     let store: Rc<dyn Store> = match &config.store_url {
         None => Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads, Some(observer))?),
-        Some(url) => Rc::new(crate::postgres::PostgresStore::connect(url).await?),
+        Some(url) => Rc::new(crate::postgres::PostgresStore::connect(url, Some(observer)).await?),
     };
     let registry = Arc::new(EpochRegistry::default());
     let local = listener.local_addr()?;
-    bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, local, config.tls.is_some()).await?;
+    let advertised = config.advertise.clone().unwrap_or_else(|| bootstrap::dial_address(local));
+    bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, advertised, config.tls.is_some()).await?;
     if local.ip().is_unspecified() && config.tls.is_none() {
         error!("listening on every interface without TLS: tokens cross the network in clear text");
     }
@@ -68,9 +69,18 @@ pub async fn run(
         let readiness = Rc::new(Readiness { store: store.clone(), closing: closing.clone() });
         tokio::task::spawn_local(crate::health::serve(listener, metrics.clone(), readiness));
     }
+    let shared = Rc::new(Shared::new(store.clone(), registry.clone(), config.limits.clone(), closing, metrics.clone()));
+    if let Some(events) = store.events() {
+        // Other nodes' revocations must be heard before this node judges a capability.
+        registry.set_current(false);
+        tokio::task::spawn_local(crate::fanout::run(store.clone(), registry.clone(), shared.feeds.clone(), events));
+        let mut current = registry.currency().watch();
+        if tokio::time::timeout(std::time::Duration::from_secs(30), current.wait_for(|c| *c)).await.is_err() {
+            warn!("not yet listening for other nodes' revocations; calls are refused as retryable until then");
+        }
+    }
     ready(local);
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let shared = Rc::new(Shared::new(store.clone(), registry, config.limits.clone(), closing, metrics.clone()));
     info!(address = %local, data_dir = %config.data_dir.display(), store = store.name(), "capsync serving");
 
     let permits = Arc::new(Semaphore::new(config.max_connections));

@@ -18,23 +18,40 @@
 use crate::access::Guard;
 use crate::error::{Result, ServerError};
 use crate::registry::ObjectKey;
-use crate::store::{Fut, Publish, Resolution, Store};
+use crate::store::{Fut, Publish, Resolution, Store, StoreEvent};
+use capsync_store_postgres::notify::{ListenOptions, Notice, RevokedKind};
 use capsync_model::stored::{AuditEvent, AuditRow, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow};
 use capsync_persistence::{BatchAck, EntityKind, Id16, IncomingBatch, LoggedOp};
-use capsync_store_postgres::{GuardLink, PgError, PgStore};
+use capsync_persistence::failpoint;
+use capsync_persistence::writer::{GroupObserver, GroupReport};
+use capsync_store_postgres::{GuardLink, Hook, PgError, PgOptions, PgStore};
 
 pub struct PostgresStore {
     pg: PgStore,
     history: String,
+    /// Told of every committed append, as the SQLite writer tells of its groups (metrics).
+    observer: Option<GroupObserver>,
+    /// Appends under way: a graceful shutdown lets them commit and answer.
+    appends: tokio_util::task::TaskTracker,
 }
 
 impl PostgresStore {
     /// Connects (a clear error if PostgreSQL cannot be reached) and brings the schema up to
     /// date under the migration lock.
-    pub async fn connect(url: &str) -> Result<PostgresStore> {
-        let pg = PgStore::connect(url).await.map_err(unreachable_at_start)?;
+    pub async fn connect(url: &str, observer: Option<GroupObserver>) -> Result<PostgresStore> {
+        let mut options = PgOptions::default();
+        if failpoint::any_armed() {
+            // On a blocking thread: a `hold` must not stop the RPC thread.
+            let hook: Hook = std::sync::Arc::new(|point| {
+                Box::pin(async move {
+                    let _ = tokio::task::spawn_blocking(move || failpoint::hit(point)).await;
+                })
+            });
+            options.hook = Some(hook);
+        }
+        let pg = PgStore::connect_with(url, options).await.map_err(unreachable_at_start)?;
         let history = pg.history().await.map_err(unreachable_at_start)?;
-        Ok(PostgresStore { pg, history })
+        Ok(PostgresStore { pg, history, observer, appends: tokio_util::task::TaskTracker::new() })
     }
 }
 
@@ -83,6 +100,55 @@ impl Store for PostgresStore {
         self.history.clone()
     }
 
+    fn events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
+        let mut notices = self.pg.listen(ListenOptions::default());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(notice) = notices.recv().await {
+                let event = match notice {
+                    Notice::Listening => StoreEvent::Listening,
+                    Notice::Lost => StoreEvent::Lost,
+                    Notice::Advanced { sid, cursor } => StoreEvent::Advanced { sid, cursor },
+                    Notice::Revoked { kind: RevokedKind::Session, id, epoch } => StoreEvent::Revoked(ObjectKey::Session(id), epoch),
+                    Notice::Revoked { kind: RevokedKind::Share, id, epoch } => StoreEvent::Revoked(ObjectKey::Share(id), epoch),
+                    // Spaces are not objects of this node's cells (yet).
+                    Notice::Revoked { kind: RevokedKind::Space, .. } => continue,
+                };
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        Some(rx)
+    }
+
+    fn epochs(&self, keys: Vec<ObjectKey>) -> Fut<Vec<(ObjectKey, u64)>> {
+        let pg = self.pg.clone();
+        Box::pin(async move {
+            let (mut sessions, mut shares, mut admin) = (Vec::new(), Vec::new(), false);
+            for key in keys {
+                match key {
+                    ObjectKey::Admin => admin = true,
+                    ObjectKey::Session(id) => sessions.push(id),
+                    ObjectKey::Share(id) => shares.push(id),
+                }
+            }
+            let current = pg.epochs(&sessions, &shares).await?;
+            let mut epochs: Vec<(ObjectKey, u64)> = Vec::new();
+            epochs.extend(current.sessions.into_iter().map(|(id, e)| (ObjectKey::Session(id), e)));
+            epochs.extend(current.shares.into_iter().map(|(id, e)| (ObjectKey::Share(id), e)));
+            if let (true, Some(epoch)) = (admin, current.admin) {
+                epochs.push((ObjectKey::Admin, epoch));
+            }
+            Ok(epochs)
+        })
+    }
+
+    fn cursors(&self, sids: Vec<i64>) -> Fut<Vec<(i64, u64)>> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.cursors(&sids).await?) })
+    }
+
     fn resolve_token(&self, hash: [u8; 32]) -> Fut<Option<Resolution>> {
         let pg = self.pg.clone();
         Box::pin(async move { Ok(pg.resolve_token(&hash).await?) })
@@ -100,13 +166,21 @@ impl Store for PostgresStore {
 
     fn append(&self, sid: i64, session_id: String, batch: IncomingBatch, guard: Guard, publish: Publish) -> Fut<BatchAck> {
         let pg = self.pg.clone();
+        let observer = self.observer.clone();
         // On a task of its own: a batch that commits is published to live subscriptions even
         // if the caller has gone away meanwhile.
         let (done, answer) = tokio::sync::oneshot::channel();
-        tokio::task::spawn_local(async move {
+        self.appends.spawn_local(async move {
             let outcome = async {
                 let links = links(&guard)?;
+                let started = std::time::Instant::now();
                 let appended = pg.append(sid, &session_id, &batch, &links).await?;
+                if let Some(observer) = &observer {
+                    // Each append is its own transaction: a group of one.
+                    let weight = appended.applied.len() as u64;
+                    observer(&GroupReport { jobs: 1, weight, took: started.elapsed(), queued: 0, committed: true });
+                }
+                failpoint::hit("server-after-commit");
                 publish(appended.applied);
                 Ok(appended.ack)
             }
@@ -150,6 +224,7 @@ impl Store for PostgresStore {
         let pg = self.pg.clone();
         Box::pin(async move {
             let epoch = pg.revoke_share(&share_id, &event).await?;
+            failpoint::hit("server-revoke-after-commit");
             if let Some(epoch) = epoch {
                 on_commit(epoch);
             }
@@ -161,6 +236,7 @@ impl Store for PostgresStore {
         let pg = self.pg.clone();
         Box::pin(async move {
             let epoch = pg.revoke_session(&session_id, &event).await?;
+            failpoint::hit("server-revoke-after-commit");
             if let Some(epoch) = epoch {
                 on_commit(epoch);
             }
@@ -170,7 +246,7 @@ impl Store for PostgresStore {
 
     fn renew_admin(&self, token: TokenRow) -> Fut<u64> {
         let pg = self.pg.clone();
-        Box::pin(async move { Ok(pg.renew_admin(&token).await?) })
+        Box::pin(async move { Ok(pg.ensure_admin(&token).await?.0) })
     }
 
     fn list_sessions(&self) -> Fut<Vec<(SessionRow, u32)>> {
@@ -199,8 +275,14 @@ impl Store for PostgresStore {
     }
 
     fn shutdown(&self) -> Fut<()> {
-        // Every write is its own transaction, committed before its call returns: nothing is
-        // queued here. The pool closes its connections when dropped.
-        Box::pin(async { Ok(()) })
+        // Every write is its own transaction: nothing is queued here, but appends under way
+        // finish (commit and answer), as the SQLite writer drains its queue. The pool closes
+        // its connections when dropped.
+        let appends = self.appends.clone();
+        Box::pin(async move {
+            appends.close();
+            appends.wait().await;
+            Ok(())
+        })
     }
 }

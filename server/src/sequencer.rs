@@ -7,7 +7,13 @@
 //! tracked in memory), lets a batch through only when every lower batchSeq has been handed to
 //! the writer, and parks a batch that arrives early until its predecessors do. A batch whose
 //! predecessor never comes is let through after [`MAX_WAIT`] and the writer answers
-//! `capsync/gap`. Replays (batchSeq below the next expected) pass at once.
+//! `capsync/gap`; a predecessor that came and is still being written (a PostgreSQL commit
+//! under load can take longer than that) is waited for as long as it lasts. Replays
+//! (batchSeq below the next expected) pass at once.
+//!
+//! Each batch let through holds a [`Turn`] until it is handed to the writer
+//! ([`Turn::submitted`]); a turn dropped without that (the call failed or was cancelled)
+//! makes the next batchSeq unknown again, to be re-read from the store.
 
 use crate::error::Result;
 use crate::store::Fut;
@@ -27,6 +33,39 @@ struct ClientSeq {
     next: Option<u64>,
     loading: bool,
     waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+    /// Batches let through and not yet submitted or failed.
+    in_flight: usize,
+}
+
+/// A batch's permission to go to the writer; see the module docs.
+#[must_use = "a dropped turn counts as a failed batch"]
+pub struct Turn<'a> {
+    sequencer: &'a Sequencer,
+    sid: i64,
+    client: Id16,
+    seq: u64,
+    done: bool,
+}
+
+impl Turn<'_> {
+    /// The batch was handed to the writer (SQLite) or committed (PostgreSQL): its successor
+    /// may go.
+    pub fn submitted(mut self) {
+        self.done = true;
+        self.sequencer.submitted(self.sid, self.client, self.seq);
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let entry = self.sequencer.entry(self.sid, self.client);
+            let mut e = entry.borrow_mut();
+            e.in_flight = e.in_flight.saturating_sub(1);
+            drop(e);
+            self.sequencer.forget(self.sid, self.client);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -41,17 +80,21 @@ impl Sequencer {
 
     /// Resolves when batch `seq` of `client` may be handed to the writer. `last_applied` reads
     /// the client's last applied batchSeq from storage; it runs once per (session, client).
-    pub async fn turn(&self, sid: i64, client: Id16, seq: u64, last_applied: impl FnOnce() -> Fut<u64>) -> Result<()> {
+    pub async fn turn(&self, sid: i64, client: Id16, seq: u64, last_applied: impl FnOnce() -> Fut<u64>) -> Result<Turn<'_>> {
         let mut last_applied = Some(last_applied);
         let entry = self.entry(sid, client);
-        let deadline = tokio::time::Instant::now() + MAX_WAIT;
+        let mut deadline = tokio::time::Instant::now() + MAX_WAIT;
+        let go = || {
+            entry.borrow_mut().in_flight += 1;
+            Ok(Turn { sequencer: self, sid, client, seq, done: false })
+        };
         loop {
             let (next, loading) = {
                 let e = entry.borrow();
                 (e.next, e.loading)
             };
             match next {
-                Some(next) if seq <= next => return Ok(()),
+                Some(next) if seq <= next => return go(),
                 None if !loading && last_applied.is_some() => {
                     entry.borrow_mut().loading = true;
                     let load = last_applied.take().expect("checked above");
@@ -71,15 +114,20 @@ impl Sequencer {
             let (tx, rx) = oneshot::channel();
             entry.borrow_mut().waiters.entry(seq).or_default().push(tx);
             if tokio::time::timeout_at(deadline, rx).await.is_err() {
-                return Ok(());
+                if entry.borrow().in_flight > 0 {
+                    deadline = tokio::time::Instant::now() + MAX_WAIT;
+                    continue;
+                }
+                return go();
             }
         }
     }
 
     /// Batch `seq` was handed to the writer: its successor may go.
-    pub fn submitted(&self, sid: i64, client: Id16, seq: u64) {
+    fn submitted(&self, sid: i64, client: Id16, seq: u64) {
         let entry = self.entry(sid, client);
         let mut e = entry.borrow_mut();
+        e.in_flight = e.in_flight.saturating_sub(1);
         if let Some(next) = e.next {
             e.next = Some(next.max(seq + 1));
         }
@@ -146,9 +194,9 @@ mod tests {
             for seq in [5u64, 3, 1, 2, 4] {
                 let (sequencer, order) = (sequencer.clone(), order.clone());
                 tasks.push(tokio::task::spawn_local(async move {
-                    sequencer.turn(7, [1; 16], seq, || Box::pin(async { Ok(0) })).await.unwrap();
+                    let turn = sequencer.turn(7, [1; 16], seq, || Box::pin(async { Ok(0) })).await.unwrap();
                     order.borrow_mut().push(seq);
-                    sequencer.submitted(7, [1; 16], seq);
+                    turn.submitted();
                 }));
                 tokio::task::yield_now().await;
             }
@@ -165,9 +213,9 @@ mod tests {
     fn replays_pass_and_a_missing_predecessor_is_waited_for_a_bounded_time() {
         run(async {
             let sequencer = Sequencer::default();
-            sequencer.turn(7, [2; 16], 3, || Box::pin(async { Ok(4) })).await.unwrap();
+            sequencer.turn(7, [2; 16], 3, || Box::pin(async { Ok(4) })).await.unwrap().submitted();
             let started = tokio::time::Instant::now();
-            sequencer.turn(7, [2; 16], 9, || unreachable!("loaded once")).await.unwrap();
+            sequencer.turn(7, [2; 16], 9, || unreachable!("loaded once")).await.unwrap().submitted();
             assert_eq!(started.elapsed(), MAX_WAIT);
         });
     }
@@ -180,8 +228,43 @@ mod tests {
             let stuck = sequencer.turn(7, [3; 16], 1, || Box::pin(std::future::pending()));
             assert!(tokio::time::timeout(Duration::from_millis(10), stuck).await.is_err());
             let started = tokio::time::Instant::now();
-            sequencer.turn(7, [3; 16], 1, || Box::pin(async { Ok(0) })).await.unwrap();
+            sequencer.turn(7, [3; 16], 1, || Box::pin(async { Ok(0) })).await.unwrap().submitted();
             assert!(started.elapsed() < MAX_WAIT, "it loaded at once instead of waiting");
+        });
+    }
+
+    /// A predecessor still being written (a slow commit) holds its successor back for as long
+    /// as it takes, not only MAX_WAIT; once it is submitted the successor goes.
+    #[test]
+    fn a_batch_waits_for_a_predecessor_in_flight_longer_than_max_wait() {
+        run(async {
+            let sequencer = Rc::new(Sequencer::default());
+            let first = sequencer.turn(7, [4; 16], 1, || Box::pin(async { Ok(0) })).await.unwrap();
+            let second = {
+                let sequencer = sequencer.clone();
+                tokio::task::spawn_local(async move {
+                    sequencer.turn(7, [4; 16], 2, || unreachable!("loaded once")).await.unwrap().submitted();
+                    tokio::time::Instant::now()
+                })
+            };
+            tokio::time::sleep(MAX_WAIT * 5).await;
+            assert!(!second.is_finished(), "the successor waits while its predecessor is in flight");
+            let released = tokio::time::Instant::now();
+            first.submitted();
+            assert_eq!(second.await.unwrap(), released);
+        });
+    }
+
+    /// A turn dropped without being submitted (a failed call) lets the successor re-read the
+    /// next batchSeq from the store instead of waiting.
+    #[test]
+    fn a_dropped_turn_makes_the_next_batch_seq_unknown_again() {
+        run(async {
+            let sequencer = Sequencer::default();
+            drop(sequencer.turn(7, [5; 16], 1, || Box::pin(async { Ok(0) })).await.unwrap());
+            let started = tokio::time::Instant::now();
+            sequencer.turn(7, [5; 16], 1, || Box::pin(async { Ok(0) })).await.unwrap().submitted();
+            assert!(started.elapsed() < MAX_WAIT);
         });
     }
 }

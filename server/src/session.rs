@@ -76,24 +76,30 @@ impl session::Server for SessionImpl {
             debug!(session = %self.access.session_id, batch_seq = batch.batch_seq, ops = batch.ops.len(), "append");
             let shared = &self.conn.shared;
             let (sid, client, seq) = (self.access.sid, batch.client_id, batch.batch_seq);
-            shared.sequencer.turn(sid, client, seq, || shared.store.last_batch_seq(sid, client)).await?;
+            let turn = shared.sequencer.turn(sid, client, seq, || shared.store.last_batch_seq(sid, client)).await?;
             self.access.check()?;
             let feeds = shared.feeds.clone();
             let publish = Box::new(move |ops| feeds.publish(sid, ops));
             let pending = shared.store.append(sid, self.access.session_id.clone(), batch, self.access.guard(), publish);
-            let in_call_order = shared.store.applies_in_call_order();
-            if in_call_order {
-                shared.sequencer.submitted(sid, client, seq);
-            }
+            // SQLite applies in call order: the successor may go as soon as this one is queued.
+            // Elsewhere it waits for this commit (a failure drops the turn: see the sequencer).
+            let turn = if shared.store.applies_in_call_order() {
+                turn.submitted();
+                None
+            } else {
+                Some(turn)
+            };
             let ack = match pending.await {
                 Ok(ack) => ack,
                 Err(err) => {
-                    shared.sequencer.forget(sid, client);
+                    if turn.is_none() {
+                        shared.sequencer.forget(sid, client);
+                    }
                     return Err(err.into());
                 }
             };
-            if !in_call_order {
-                shared.sequencer.submitted(sid, client, seq);
+            if let Some(turn) = turn {
+                turn.submitted();
             }
             // No epoch check here: the writer ordered this batch against every revocation (its
             // admission check ran in the same transaction), so a batch that committed was admitted

@@ -7,6 +7,7 @@
 //! returned future is first polled, so calls made in order are applied in order.
 
 use crate::error::{Result, ServerError};
+use crate::registry::ObjectKey;
 use capsync_persistence::server::{
     self, AuditEvent, AuditRow, ServerReader, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow,
 };
@@ -49,6 +50,19 @@ pub fn detach(what: &'static str, write: Fut<()>) {
     });
 }
 
+/// What a store tells the server about other nodes' commits (see [`Store::events`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The stream is (again) complete from here on: re-read epochs and cursors, then trust it.
+    Listening,
+    /// The stream broke: events may be missed until the next `Listening`.
+    Lost,
+    /// An object's epoch was bumped (committed) to this value.
+    Revoked(ObjectKey, u64),
+    /// A session's log reached this cursor (committed).
+    Advanced { sid: i64, cursor: u64 },
+}
+
 pub trait Store {
     /// Which store runs: "sqlite" or "postgres" (in `stats`).
     fn name(&self) -> &'static str;
@@ -57,6 +71,21 @@ pub trait Store {
     /// until the previous one has committed, so batches still apply in batchSeq order.
     fn applies_in_call_order(&self) -> bool {
         true
+    }
+    /// Other nodes' revocations and appends, for a store several servers share; `None` (the
+    /// default) for a store only this process writes. Taken once, at start.
+    fn events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
+        None
+    }
+    /// The current epochs of `keys` (objects that no longer exist are left out): re-read when
+    /// the event stream comes back. Only stores with events need it.
+    fn epochs(&self, _keys: Vec<ObjectKey>) -> Fut<Vec<(ObjectKey, u64)>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// The cursors of the sessions `sids`: a follower's catch-up read when notifications may
+    /// have been lost. Only stores with events need it.
+    fn cursors(&self, _sids: Vec<i64>) -> Fut<Vec<(i64, u64)>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
     /// Which copy of history this store holds (see `capsync_persistence::server::history`):
     /// sent with every grant.
@@ -79,7 +108,11 @@ pub trait Store {
     /// Bumps the share's epoch; `on_commit` runs once it is durable, before any later write.
     fn revoke_share(&self, share_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
     fn revoke_session(&self, session_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
-    /// Creates the admin object or bumps its epoch, and stores a new admin token for it.
+    /// Stores a new admin token for this server's `admin.uri` and returns the admin epoch it
+    /// was minted at, creating the admin object if there is none. SQLite, whose data dir is
+    /// this server's alone, bumps the epoch (a lost `admin.uri` rotates the admin: every older
+    /// admin token dies); PostgreSQL, shared by nodes, mints at the epoch in force (other
+    /// nodes' admin tokens stay valid).
     fn renew_admin(&self, token: TokenRow) -> Fut<u64>;
     fn list_sessions(&self) -> Fut<Vec<(SessionRow, u32)>>;
     fn list_shares(&self, session_id: Option<String>) -> Fut<Vec<ShareRow>>;

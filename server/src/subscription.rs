@@ -106,6 +106,16 @@ async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, a
         match access.check() {
             Err(ServerError::Revoked) => break Some("revoked"),
             Err(ServerError::Expired) => break Some("expired"),
+            Err(ServerError::Overloaded(_)) => {
+                // This node may have missed a revocation: deliver nothing until it knows.
+                let mut current = access.currency.watch();
+                tokio::select! {
+                    _ = current.wait_for(|current| *current) => {}
+                    _ = closing.changed() => {}
+                    _ = &mut cancel => break None,
+                }
+                continue;
+            }
             _ => {}
         }
         head.borrow_and_update();

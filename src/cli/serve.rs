@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// role must be able to create tables in that database. Without it: SQLite.
     #[arg(long, env = "CAPSYNC_STORE", hide_env_values = true, value_name = "URL", value_parser = StoreUrlParser)]
     store: Option<StoreUrl>,
+    /// The HOST:PORT clients should dial, written into admin.uri and so into every URI made
+    /// from it: behind a load balancer, the balancer's address. Default: the listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
 }
 
 /// A PostgreSQL URL; its `Debug` hides it (it may hold a password).
@@ -110,6 +114,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_connections = args.max_connections.max(1);
     config.metrics_listen = args.metrics_listen;
     config.store_url = args.store.map(|url| url.0);
+    config.advertise = args.advertise;
     let limits = &mut config.limits;
     limits.traversal_limit_words = (args.max_message_bytes / 8).max(1024);
     limits.max_batch_ops = args.max_batch_ops;

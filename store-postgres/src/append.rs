@@ -132,7 +132,22 @@ pub(crate) async fn append(
         .await?;
     let cursor_params: [Param<'_>; 2] = [&sid, &cursor];
     let batch_params: [Param<'_>; 5] = [&sid, &client_id, &batch_seq, &op_ids, &results_blob];
-    futures::try_join!(tx.execute(&cursor_stmt, &cursor_params), tx.execute(&batch_stmt, &batch_params))?;
+    // Other nodes' followers learn of the new ops at this commit: one notice per transaction.
+    let notify_stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+    let payload = crate::notify::advance_payload(sid, cursor);
+    let notify_params: [Param<'_>; 2] = [&crate::notify::ADVANCE_CHANNEL, &payload];
+    let notify = async {
+        if applied.is_empty() {
+            Ok(0)
+        } else {
+            tx.execute(&notify_stmt, &notify_params).await
+        }
+    };
+    futures::try_join!(
+        tx.execute(&cursor_stmt, &cursor_params),
+        tx.execute(&batch_stmt, &batch_params),
+        notify
+    )?;
 
     let logged = applied
         .iter()

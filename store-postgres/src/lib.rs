@@ -45,6 +45,7 @@
 pub mod testing;
 mod append;
 pub mod migrate;
+pub mod notify;
 
 pub use capsync_model as model;
 
@@ -185,7 +186,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Pool settings for [`PgStore::connect_with`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgOptions {
     /// Most connections the pool holds.
     pub max_connections: usize,
@@ -195,7 +196,15 @@ pub struct PgOptions {
     pub wait_timeout: Duration,
     /// Bring the schema up to date on connect.
     pub migrate: bool,
+    /// Awaited at named points of a write, where the server's fault-injection tests crash or
+    /// wait: `"server-append-begin"` before an append's transaction starts,
+    /// `"server-before-commit"` and `"server-revoke-before-commit"` inside an append's or a
+    /// revocation's transaction just before its COMMIT. None by default.
+    pub hook: Option<Hook>,
 }
+
+/// See [`PgOptions::hook`].
+pub type Hook = std::sync::Arc<dyn Fn(&'static str) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl Default for PgOptions {
     fn default() -> PgOptions {
@@ -204,14 +213,26 @@ impl Default for PgOptions {
             connect_timeout: Duration::from_secs(10),
             wait_timeout: Duration::from_secs(30),
             migrate: true,
+            hook: None,
         }
     }
+}
+
+/// What [`PgStore::epochs`] read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CurrentEpochs {
+    pub sessions: Vec<(String, u64)>,
+    pub shares: Vec<(String, u64)>,
+    pub admin: Option<u64>,
 }
 
 /// The PostgreSQL server store. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// For connections of its own outside the pool (LISTEN).
+    config: tokio_postgres::Config,
+    hook: Option<Hook>,
 }
 
 type Txn<'a> = deadpool_postgres::Transaction<'a>;
@@ -379,7 +400,7 @@ impl PgStore {
             config.application_name("capsync");
         }
         let target = describe_target(&config);
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.max_connections.max(1))
             .wait_timeout(Some(options.wait_timeout))
@@ -387,7 +408,7 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
-        let store = PgStore { pool };
+        let store = PgStore { pool, config, hook: options.hook };
         let mut client = store.pool.get().await.map_err(|e| match PgError::from(e) {
             PgError::Unavailable(why) => PgError::Unavailable(format!("cannot reach PostgreSQL at {target}: {why}")),
             PgError::Other(why) => PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}")),
@@ -398,6 +419,11 @@ impl PgStore {
         }
         drop(client);
         Ok(store)
+    }
+
+    /// Starts listening for what every node commits (see [`notify`]).
+    pub fn listen(&self, options: notify::ListenOptions) -> tokio::sync::mpsc::UnboundedReceiver<notify::Notice> {
+        notify::listen(self.config.clone(), options)
     }
 
     /// The pool, for tools and tests.
@@ -412,11 +438,29 @@ impl PgStore {
     /// Runs `work` in one read-write transaction and commits it if it returns `Ok` (an `Err`
     /// drops the transaction, which rolls it back).
     async fn write<T>(&self, work: impl AsyncFnOnce(&Txn<'_>) -> Result<T, PgError>) -> Result<T, PgError> {
+        self.write_at(None, work).await
+    }
+
+    /// [`PgStore::write`], awaiting the hook at `point` just before the COMMIT.
+    async fn write_at<T>(
+        &self,
+        point: Option<&'static str>,
+        work: impl AsyncFnOnce(&Txn<'_>) -> Result<T, PgError>,
+    ) -> Result<T, PgError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let value = work(&tx).await?;
+        if let Some(point) = point {
+            self.hook(point).await;
+        }
         tx.commit().await?;
         Ok(value)
+    }
+
+    async fn hook(&self, point: &'static str) {
+        if let Some(hook) = &self.hook {
+            hook(point).await;
+        }
     }
 
     // ---- Reads -------------------------------------------------------------------------
@@ -503,6 +547,31 @@ impl PgStore {
         let client = self.client().await?;
         let stmt = client.prepare_cached("SELECT epoch FROM admin WHERE id = 1").await?;
         Ok(client.query_opt(&stmt, &[]).await?.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    /// The current epochs of the named sessions and shares, and the admin epoch: what a node
+    /// re-reads after its LISTEN connection was lost, before trusting its epoch cells again.
+    /// Objects that no longer exist are left out.
+    pub async fn epochs(&self, sessions: &[String], shares: &[String]) -> Result<CurrentEpochs, PgError> {
+        let client = self.client().await?;
+        let (s, h, a) = futures::try_join!(
+            client.prepare_cached("SELECT id, epoch FROM sessions WHERE id = ANY($1)"),
+            client.prepare_cached("SELECT id, epoch FROM shares WHERE id = ANY($1)"),
+            client.prepare_cached("SELECT epoch FROM admin WHERE id = 1"),
+        )?;
+        let (session_params, share_params): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], [&(dyn tokio_postgres::types::ToSql + Sync); 1]) =
+            ([&sessions], [&shares]);
+        let (s, h, a) =
+            futures::try_join!(client.query(&s, &session_params), client.query(&h, &share_params), client.query_opt(&a, &[]))?;
+        let pairs = |rows: Vec<Row>| rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect();
+        Ok(CurrentEpochs { sessions: pairs(s), shares: pairs(h), admin: a.map(|r| r.get::<_, i64>(0) as u64) })
+    }
+
+    /// The cursors of the given sessions (by internal id), for a follower's catch-up read.
+    pub async fn cursors(&self, sids: &[i64]) -> Result<Vec<(i64, u64)>, PgError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT sid, cursor FROM sessions WHERE sid = ANY($1)").await?;
+        Ok(client.query(&stmt, &[&sids]).await?.iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64)).collect())
     }
 
     /// The last batchSeq of `client_id` applied to session `sid` (0 if none).
@@ -694,7 +763,8 @@ impl PgStore {
         batch: &capsync_model::IncomingBatch,
         guard: &[GuardLink],
     ) -> Result<Appended, PgError> {
-        self.write(async |tx| append::append(tx, sid, session_id, batch, guard).await).await
+        self.hook("server-append-begin").await;
+        self.write_at(Some("server-before-commit"), async |tx| append::append(tx, sid, session_id, batch, guard).await).await
     }
 
     /// Stores a new share and its token, and audits the mint (at the share's `created_at`),
@@ -763,21 +833,34 @@ impl PgStore {
     /// Bumps a share's epoch and audits it, in one transaction; returns the new epoch once
     /// committed, or `None` if there is no such share (nothing is audited then).
     pub async fn revoke_share(&self, share_id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
-        self.bump("UPDATE shares SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch", share_id, event).await
+        let sql = "UPDATE shares SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch";
+        self.bump(sql, notify::RevokedKind::Share, share_id, event).await
     }
 
     /// Bumps a session's epoch (cutting every token of it and of its shares) and audits it.
     pub async fn revoke_session(&self, session_id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
-        self.bump("UPDATE sessions SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch", session_id, event).await
+        let sql = "UPDATE sessions SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch";
+        self.bump(sql, notify::RevokedKind::Session, session_id, event).await
     }
 
-    async fn bump(&self, sql: &'static str, id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
+    /// Bumps one epoch, audits it and tells every node (the notification is delivered at the
+    /// commit, so never for a revocation that did not happen).
+    async fn bump(
+        &self,
+        sql: &'static str,
+        kind: notify::RevokedKind,
+        id: &str,
+        event: &AuditEvent,
+    ) -> Result<Option<u64>, PgError> {
         let now = now_ms();
-        self.write(async |tx| {
+        self.write_at(Some("server-revoke-before-commit"), async |tx| {
             let stmt = tx.prepare_cached(sql).await?;
             let epoch = tx.query_opt(&stmt, &[&id]).await?.map(|r| r.get::<_, i64>(0) as u64);
-            if epoch.is_some() {
+            if let Some(epoch) = epoch {
                 insert_audit(tx, event, now).await?;
+                let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+                let payload = notify::revoke_payload(kind, id, epoch);
+                tx.execute(&notify, &[&notify::REVOKE_CHANNEL, &payload]).await?;
             }
             Ok(epoch)
         })
@@ -801,24 +884,25 @@ impl PgStore {
         .await
     }
 
-    /// For a node joining a shared database: creates the admin object at epoch 0 only if there
-    /// is none, never bumping it. If this call created it, `token` is stored (minted at epoch 0)
-    /// and the answer is `(0, true)`: this node should hand the token out (write `admin.uri`).
-    /// Otherwise nothing is written and the answer is `(current epoch, false)`.
+    /// For a node joining a shared database: creates the admin object at epoch 0 if there is
+    /// none (exactly one of several nodes starting at once does), never bumping it, and stores
+    /// `token` minted at the epoch in force, so this node's admin token lives beside every
+    /// other node's. Answers `(epoch, created)`.
     pub async fn ensure_admin(&self, token: &TokenRow) -> Result<(u64, bool), PgError> {
         self.write(async |tx| {
+            // `DO UPDATE` to itself locks the row, so a revocation cannot commit between
+            // reading the epoch and storing a token minted at it; `xmax = 0` tells an insert.
             let stmt = tx
                 .prepare_cached(
-                    "INSERT INTO admin (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING RETURNING epoch",
+                    "INSERT INTO admin (id, epoch) VALUES (1, 0)
+                         ON CONFLICT (id) DO UPDATE SET epoch = admin.epoch
+                         RETURNING epoch, (xmax = 0)",
                 )
                 .await?;
-            if let Some(row) = tx.query_opt(&stmt, &[]).await? {
-                let epoch = row.get::<_, i64>(0) as u64;
-                insert_token(tx, &TokenRow { minted_epoch: epoch, ..token.clone() }).await?;
-                return Ok((epoch, true));
-            }
-            let stmt = tx.prepare_cached("SELECT epoch FROM admin WHERE id = 1").await?;
-            Ok((tx.query_one(&stmt, &[]).await?.get::<_, i64>(0) as u64, false))
+            let row = tx.query_one(&stmt, &[]).await?;
+            let (epoch, created) = (row.get::<_, i64>(0) as u64, row.get::<_, bool>(1));
+            insert_token(tx, &TokenRow { minted_epoch: epoch, ..token.clone() }).await?;
+            Ok((epoch, created))
         })
         .await
     }

@@ -149,21 +149,7 @@ impl Cluster {
         let mut last_error = String::new();
         for _ in 0..5 {
             cluster.port = free_port();
-            let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400 -c shared_buffers=32MB",
-                cluster.port,
-                cluster.dir.display()
-            );
-            let out = cluster
-                .tool("pg_ctl")
-                .args(["-w", "-t", "60", "-l"])
-                .arg(cluster.dir.join("log"))
-                .arg("-D")
-                .arg(&cluster.data)
-                .args(["-o", &options, "start"])
-                .stdin(Stdio::null())
-                .output()
-                .expect("run pg_ctl start");
+            let out = cluster.pg_ctl(&["-o", &cluster.options(), "start"]);
             if out.status.success() {
                 return cluster;
             }
@@ -176,6 +162,21 @@ impl Cluster {
         }
         cluster.stop();
         panic!("the test PostgreSQL did not start: {last_error}");
+    }
+
+    /// The server options the cluster runs with (its port and socket directory).
+    fn options(&self) -> String {
+        format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400 -c shared_buffers=32MB",
+            self.port,
+            self.dir.display()
+        )
+    }
+
+    /// Starts the cluster again after a `pg_ctl stop`, on the same port.
+    pub fn start_again(&self) {
+        let out = self.pg_ctl(&["-o", &self.options(), "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -232,12 +233,49 @@ impl Cluster {
             .expect("start the cluster's watchdog");
     }
 
-    /// `pg_ctl` on this cluster (e.g. `restart -m immediate`), as the cluster's owner.
+    /// `pg_ctl` on this cluster (e.g. `restart -m immediate`), as the cluster's owner. A server
+    /// that `pg_ctl` starts writes to the cluster's log file, not to inherited pipes: a
+    /// postmaster holding our stdout would keep `output()` waiting for ever.
     pub fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
-        self.tool("pg_ctl").args(["-w", "-D"]).arg(&self.data).args(args).output().expect("run pg_ctl")
+        self.tool("pg_ctl")
+            .args(["-w", "-t", "60", "-l"])
+            .arg(self.dir.join("log"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_ctl")
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Runs `sql` (simple query protocol) on the database at `url` and returns each row's values
+/// as text (`None` for NULL). Blocking, like [`fresh_database`].
+pub fn query(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to the test database");
+            let driver = tokio::spawn(connection);
+            let messages = client.simple_query(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            drop(client);
+            let _ = driver.await;
+            messages
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+    })
+    .join()
+    .expect("querying a test database")
 }

@@ -17,6 +17,109 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capsync");
 
+/// Which store the servers a test starts run on. The same test bodies run on both (see
+/// [`on_both_stores!`]); a test thread picks its store once, before it starts a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+thread_local! {
+    static STORE: std::cell::Cell<StoreKind> = const { std::cell::Cell::new(StoreKind::Sqlite) };
+}
+
+/// The PostgreSQL database of each data dir, so a restarted server finds its data again.
+static DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// The store of this test thread's servers.
+pub fn store() -> StoreKind {
+    STORE.with(|s| s.get())
+}
+
+/// Runs `body` with this thread's servers on `kind`.
+pub fn on_store(kind: StoreKind, body: impl FnOnce()) {
+    STORE.with(|s| s.set(kind));
+    body()
+}
+
+/// The `--store` URL of the server whose data dir is `data_dir`, if it runs on PostgreSQL:
+/// a fresh database of the binary's throwaway cluster the first time.
+pub fn database_of(data_dir: &Path) -> Option<String> {
+    let mut databases = DATABASES.lock().unwrap();
+    if let Some((_, url)) = databases.iter().find(|(dir, _)| dir == data_dir) {
+        return Some(url.clone());
+    }
+    if store() == StoreKind::Sqlite {
+        return None;
+    }
+    let url = capsync_store_postgres::testing::fresh_database();
+    databases.push((data_dir.to_owned(), url.clone()));
+    Some(url)
+}
+
+/// Makes the servers of `data_dir` use the PostgreSQL database `url` (several nodes on one
+/// database: each its own data dir, all the same URL).
+pub fn share_database(data_dir: &Path, url: &str) {
+    DATABASES.lock().unwrap().push((data_dir.to_owned(), url.to_owned()));
+}
+
+/// The rows of one query on the server's own database, each column as text: `sqlite` on the
+/// SQLite file of `data_dir`, `postgres` on its PostgreSQL database. For tests that check
+/// what the store holds (audit rows, hashes), not what the protocol says.
+pub fn query_store(data_dir: &Path, sqlite: &str, postgres: &str) -> Vec<Vec<Option<String>>> {
+    match database_of(data_dir) {
+        Some(url) => capsync_store_postgres::testing::query(&url, postgres),
+        None => {
+            let db = rusqlite::Connection::open(data_dir.join("capsync.db")).unwrap();
+            db.busy_timeout(Duration::from_secs(10)).unwrap();
+            if !sqlite.trim_start().to_ascii_uppercase().starts_with("SELECT") {
+                db.execute_batch(sqlite).unwrap();
+                return Vec::new();
+            }
+            let mut statement = db.prepare(sqlite).unwrap();
+            let columns = statement.column_count();
+            statement
+                .query_map([], |row| {
+                    (0..columns)
+                        .map(|i| {
+                            Ok(match row.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => None,
+                                rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+                                rusqlite::types::ValueRef::Real(v) => Some(v.to_string()),
+                                rusqlite::types::ValueRef::Text(v) | rusqlite::types::ValueRef::Blob(v) => {
+                                    Some(String::from_utf8_lossy(v).into_owned())
+                                }
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+    }
+}
+
+/// Declares each test twice: `sqlite::NAME` on the embedded store and `postgres::NAME` on a
+/// fresh database of the binary's throwaway PostgreSQL cluster. Tests that only make sense on
+/// one store stay outside and say why.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($(#[$meta:meta])* fn $name:ident() $body:block)*) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $($(#[$meta])* fn $name() { $crate::common::on_store($crate::common::StoreKind::Sqlite, || $body) })*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $($(#[$meta])* fn $name() { $crate::common::on_store($crate::common::StoreKind::Postgres, || $body) })*
+        }
+    };
+}
+
 /// A `capsync serve` child process. Killed (SIGKILL) on drop.
 pub struct Server {
     child: Option<Child>,
@@ -52,10 +155,15 @@ impl Server {
     fn spawn(data_dir: &Path, listen: &str, env: &[(&str, &str)], args: &[&str]) -> Server {
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let store: Vec<String> = match database_of(data_dir) {
+            Some(url) if !args.contains(&"--store") => vec!["--store".into(), url],
+            _ => Vec::new(),
+        };
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
+            .args(&store)
             .env("RUST_LOG", "trace")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -400,4 +508,24 @@ pub fn server_log(addr: &str, owner: &capsync_schema::Token) -> Vec<(u64, Vec<u8
             }
         }
     })
+}
+
+/// One HTTP/1.1 GET on a fresh connection: (status code, body).
+pub fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: capsync\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The metrics address the server logged.
+pub fn metrics_addr(server: &Server) -> String {
+    let log = server.log_text();
+    let line = log.lines().find(|l| l.contains("serving /metrics")).expect("the server logs its metrics address");
+    line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
 }

@@ -3,6 +3,9 @@
 //! one direction, which lands anywhere inside a frame, and again after the next so many bytes), and counts the connections it accepts.
 //! Started with [`Proxy::start_framed`] it also splits what clients send into Cap'n Proto
 //! frames, so it can drop one whole `Session.append` call and pass the next ones.
+//! Started with [`Proxy::start_balancing`] it stands for a TCP load balancer in front of
+//! several nodes: each new connection goes to the next node in turn, skipping nodes that
+//! refuse it.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -32,6 +35,9 @@ struct State {
     /// front one is armed.
     cut_plan: Mutex<std::collections::VecDeque<(bool, u64)>>,
     cuts_at_offset: AtomicU64,
+    /// Where new connections go: one address, or several taken in turn.
+    upstreams: Mutex<Vec<String>>,
+    next_upstream: AtomicU64,
 }
 
 pub struct Proxy {
@@ -41,20 +47,39 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(upstream: &str) -> Proxy {
-        Proxy::spawn(upstream, State::default())
+        Proxy::spawn(&[upstream], State::default())
     }
 
     /// A proxy that forwards what clients send one whole Cap'n Proto frame at a time.
     pub fn start_framed(upstream: &str) -> Proxy {
-        Proxy::spawn(upstream, State { framed: true, ..State::default() })
+        Proxy::spawn(&[upstream], State { framed: true, ..State::default() })
     }
 
-    fn spawn(upstream: &str, state: State) -> Proxy {
+    /// A balancer: connections go to `upstreams` in turn, past any that refuses.
+    pub fn start_balancing(upstreams: &[&str]) -> Proxy {
+        Proxy::spawn(upstreams, State::default())
+    }
+
+    /// Where new connections go from now on, the first one to the first of `upstreams`
+    /// (connections already open stay where they are).
+    pub fn set_upstreams(&self, upstreams: &[&str]) {
+        *self.state.upstreams.lock().unwrap() = upstreams.iter().map(|u| u.to_string()).collect();
+        self.state.next_upstream.store(0, Ordering::SeqCst);
+    }
+
+    /// The first upstream that accepts, starting with the next in turn.
+    fn connect_upstream(state: &State) -> Option<TcpStream> {
+        let upstreams = state.upstreams.lock().unwrap().clone();
+        let first = state.next_upstream.fetch_add(1, Ordering::SeqCst) as usize;
+        (0..upstreams.len()).find_map(|i| TcpStream::connect(&upstreams[(first + i) % upstreams.len()]).ok())
+    }
+
+    fn spawn(upstreams: &[&str], state: State) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
+        *state.upstreams.lock().unwrap() = upstreams.iter().map(|u| u.to_string()).collect();
         let state = Arc::new(state);
         let shared = state.clone();
-        let upstream = upstream.to_owned();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -63,7 +88,7 @@ impl Proxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                let Some(server) = Proxy::connect_upstream(&shared) else { continue };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 {

@@ -235,8 +235,9 @@ async fn mint_is_guarded() {
     assert_eq!(store.list_shares(Some(S)).await.unwrap().len(), 1);
 }
 
-/// Two nodes starting on an empty database: exactly one creates the admin object (and stores
-/// its token); `renew_admin` bumps it; `ensure_admin` never does.
+/// Two nodes starting on an empty database: exactly one creates the admin object, each stores
+/// a token of its own at the epoch in force; `renew_admin` bumps the epoch; `ensure_admin`
+/// never does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_admin_creates_once_and_never_bumps() {
     let url = support::fresh_db().await;
@@ -246,12 +247,12 @@ async fn ensure_admin_creates_once_and_never_bumps() {
     let tb = token(TargetKind::Admin, "admin", 9, 0xA2, Rights::default(), 1);
     let (ra, rb) = tokio::join!(a.ensure_admin(&ta), b.ensure_admin(&tb));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.0, 0);
-    assert_eq!(rb.0, 0);
+    assert_eq!((ra.0, rb.0), (0, 0));
     assert!(ra.1 ^ rb.1, "exactly one node creates the admin object: {ra:?} {rb:?}");
-    let (created, other) = if ra.1 { ([0xA1; 32], [0xA2; 32]) } else { ([0xA2; 32], [0xA1; 32]) };
-    assert_eq!(a.resolve_token(&created).await.unwrap().unwrap().token.minted_epoch, 0);
-    assert_eq!(a.resolve_token(&other).await.unwrap(), None);
+    for hash in [[0xA1; 32], [0xA2; 32]] {
+        let resolved = a.resolve_token(&hash).await.unwrap().unwrap();
+        assert_eq!((resolved.token.minted_epoch, resolved.admin_epoch), (0, Some(0)), "each node's token is valid");
+    }
     assert_eq!(a.renew_admin(&token(TargetKind::Admin, "admin", 0, 0xA3, Rights::default(), 2)).await.unwrap(), 1);
     let renewed = a.resolve_token(&[0xA3; 32]).await.unwrap().unwrap();
     assert_eq!((renewed.token.minted_epoch, renewed.admin_epoch), (1, Some(1)));
@@ -259,6 +260,7 @@ async fn ensure_admin_creates_once_and_never_bumps() {
         b.ensure_admin(&token(TargetKind::Admin, "admin", 0, 0xA4, Rights::default(), 3)).await.unwrap(),
         (1, false)
     );
+    assert_eq!(a.resolve_token(&[0xA4; 32]).await.unwrap().unwrap().token.minted_epoch, 1, "joined at the epoch in force");
     assert_eq!(b.admin_epoch().await.unwrap(), Some(1));
 }
 
