@@ -29,6 +29,8 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct Readiness {
     pub store: Rc<dyn Store>,
     pub closing: watch::Receiver<bool>,
+    /// Whether this node's epoch cells are current (several nodes: see `fanout`).
+    pub currency: Arc<crate::registry::Currency>,
 }
 
 /// Serves the endpoint for as long as the server's `LocalSet` runs: through shutdown, when
@@ -82,6 +84,9 @@ async fn respond(path: &str, metrics: &Metrics, readiness: &Readiness) -> Respon
 async fn ready(readiness: &Readiness) -> Result<(), String> {
     if *readiness.closing.borrow() {
         return Err("shutting down".into());
+    }
+    if !readiness.currency.holds() {
+        return Err("catching up with other nodes' revocations".into());
     }
     match tokio::time::timeout(PROBE_TIMEOUT, readiness.store.probe()).await {
         Ok(Ok(())) => Ok(()),

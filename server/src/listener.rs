@@ -66,7 +66,7 @@ pub async fn run(
     // Up before the server says it listens, so whoever waits for that can scrape at once.
     if let Some(listener) = metrics_listener {
         info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        let readiness = Rc::new(Readiness { store: store.clone(), closing: closing.clone() });
+        let readiness = Rc::new(Readiness { store: store.clone(), closing: closing.clone(), currency: registry.currency() });
         tokio::task::spawn_local(crate::health::serve(listener, metrics.clone(), readiness));
     }
     let shared = Rc::new(Shared::new(store.clone(), registry.clone(), config.limits.clone(), closing, metrics.clone()));
