@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - `model`: the `capsync-model` crate (entities, ops, batches, acks, rights), re-exported.
+//! - [`agents`]: read-only access to opencode's `opencode.db`, for `capsync-agents`.
 //! - [`failpoint`]: crash points for fault-injection tests, armed by `CAPSYNC_FAILPOINTS`.
 //! - [`migrate`]: versioned schemas in `user_version`, applied in one transaction.
 //! - [`server`]: the server's schema and its reads ([`server::ServerReader`]) and writes
@@ -16,6 +17,7 @@
 //! Threads, not async: SQLite calls block, so they run on threads of their own and report
 //! back through completion callbacks, which the async layers turn into futures.
 
+pub mod agents;
 pub mod client;
 pub mod failpoint;
 pub mod migrate;
