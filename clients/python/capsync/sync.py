@@ -102,6 +102,11 @@ async def sync_ref(outbox: Outbox, options: SyncOptions, name: str) -> SyncRepor
     report = SyncReport()
     failures = 0
     history_checked = False
+    # Whether the previous round ended in a gap: a gap in a round whose batches were in flight
+    # may be stale (acks of earlier batches arrived after the server judged a later one); only
+    # a gap seen again in the next round, which starts from the lowest unacked batch, means the
+    # server lost batches it had acknowledged.
+    gap_before = False
     async with kj_loop():
         while True:
             batches = await asyncio.to_thread(_next_batches, outbox, options, name)
@@ -124,14 +129,18 @@ async def sync_ref(outbox: Outbox, options: SyncOptions, name: str) -> SyncRepor
             before = report.batches
             try:
                 history = await _round(outbox, options, name, uri, batches, report, known)
+                gap_before = False
                 if history is not None:
                     await _heal(outbox, name, history, _RESTORED, report)
                     continue
                 failures = 0
             except CapsyncError as err:
-                if err.marker == GAP and await asyncio.to_thread(_server_is_behind, outbox, name, err):
+                gap_now = err.marker == GAP
+                if gap_now and gap_before and await asyncio.to_thread(_server_is_behind, outbox, name, err):
+                    gap_before = False
                     await _heal(outbox, name, None, "the server is behind batches it acknowledged", report)
                     continue
+                gap_before = gap_now
                 state = err.terminal_state
                 if state is not None:
                     await asyncio.to_thread(outbox.set_ref_state, name, state, str(err))
