@@ -19,7 +19,10 @@ use crate::access::Guard;
 use crate::error::{Result, ServerError};
 use crate::registry::ObjectKey;
 use crate::store::{Fut, Publish, Resolution, Store};
-use capsync_model::stored::{AuditEvent, AuditRow, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow};
+use capsync_model::stored::{
+    AuditEvent, AuditRow, OpenSession, OpenedSession, SessionRow, ShareRow, SnapshotPage, SpaceRow, SpaceSessionRow,
+    StoreStats, TokenRow,
+};
 use capsync_persistence::{BatchAck, EntityKind, Id16, IncomingBatch, LoggedOp};
 use capsync_store_postgres::{GuardLink, PgError, PgStore};
 
@@ -66,6 +69,7 @@ fn links(guard: &Guard) -> Result<Vec<GuardLink>> {
             ObjectKey::Admin => GuardLink::admin(link.expected),
             ObjectKey::Session(id) => GuardLink::session(id.clone(), link.expected),
             ObjectKey::Share(id) => GuardLink::share(id.clone(), link.expected),
+            ObjectKey::Space(id) => GuardLink::space(id.clone(), link.expected),
         })
         .collect())
 }
@@ -166,6 +170,37 @@ impl Store for PostgresStore {
             }
             Ok(epoch)
         })
+    }
+
+    fn create_space(&self, space: SpaceRow, token: TokenRow, guard: Guard, event: AuditEvent) -> Fut<()> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.create_space(&space, &token, &links(&guard)?, &event).await?) })
+    }
+
+    fn open_space_session(&self, open: OpenSession, guard: Guard, event: AuditEvent) -> Fut<OpenedSession> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.open_space_session(&open, &links(&guard)?, &event).await?) })
+    }
+
+    fn revoke_space(&self, space_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>> {
+        let pg = self.pg.clone();
+        Box::pin(async move {
+            let epoch = pg.revoke_space(&space_id, &event).await?;
+            if let Some(epoch) = epoch {
+                on_commit(epoch);
+            }
+            Ok(epoch)
+        })
+    }
+
+    fn list_spaces(&self) -> Fut<Vec<(SpaceRow, u32)>> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.list_spaces().await?) })
+    }
+
+    fn space_sessions(&self, space_id: String) -> Fut<Vec<SpaceSessionRow>> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.space_sessions(&space_id).await?) })
     }
 
     fn renew_admin(&self, token: TokenRow) -> Fut<u64> {
