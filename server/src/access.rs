@@ -66,7 +66,7 @@ impl Access {
             }
             TargetKind::Space => {
                 let link = space_link(token.minted_epoch)?;
-                (link_id(&link), None, Rights::default(), vec![link])
+                (token.target_id.clone(), None, Rights::default(), vec![link])
             }
         };
         // A session or share token minted through a space holds only while the space does.
@@ -118,13 +118,6 @@ impl Access {
             ObjectKey::Space(id) => Some(SpaceLink { space_id: id.clone(), epoch: link.expected }),
             _ => None,
         })
-    }
-}
-
-fn link_id(link: &EpochLink) -> String {
-    match &link.key {
-        ObjectKey::Admin => "admin".to_owned(),
-        ObjectKey::Session(id) | ObjectKey::Share(id) | ObjectKey::Space(id) => id.clone(),
     }
 }
 
