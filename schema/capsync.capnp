@@ -6,7 +6,7 @@
 # capsync/invalid, capsync/gap, capsync/diverged, capsync/too-large, capsync/internal; load
 # shedding uses the `overloaded` exception type with capsync/overloaded.
 #
-# Ids: session and share ids are UUID text; opIds and clientIds are 16-byte Data.
+# Ids: session, share and space ids are UUID text; opIds and clientIds are 16-byte Data.
 # Times are Unix milliseconds; 0 means "none" (no expiry).
 
 @0x8b635a167ac0298b;
@@ -20,26 +20,30 @@ interface Gateway {
   # Pipelining rule (DESIGN §3): the C++ Cap'n Proto library, and every binding built on it
   # (pycapnp, node-capnp), cannot pipeline on a union member, so the capability a client calls
   # right away is also returned outside any union: `session` for a session or share token
-  # (a Share is a Session), `admin` for the admin token. A client of any implementation sends
-  # `redeem(token).session.append(...)` without waiting for the redeem: one round trip.
+  # (a Share is a Session), `admin` for the admin token, `space` for a space token. A client of
+  # any implementation sends `redeem(token).session.append(...)` (or
+  # `redeem(token).space.openSession(...)`) without waiting for the redeem: one round trip.
   # `grant.cap` carries the same object under its precise type, for clients that wait.
-  redeem @0 (token :Text) -> (grant :Grant, session :Session, admin :Admin);
+  redeem @0 (token :Text) -> (grant :Grant, session :Session, admin :Admin, space :Space);
   #   grant: what the token grants (kind, ids, rights, epoch, expiry) and the capability.
-  #   session: the session or share capability; null for an admin token.
-  #   admin: the admin capability; null for a session or share token.
+  #   session: the session or share capability; null for an admin or space token.
+  #   admin: the admin capability; null for any other token.
+  #   space: the space capability; null for any other token.
 }
 
-# What a token grants. To pipeline, use the redeem result's `session`/`admin` fields: C++-based
-# implementations cannot pipeline on `cap`'s members.
+# What a token grants. To pipeline, use the redeem result's `session`/`admin`/`space` fields:
+# C++-based implementations cannot pipeline on `cap`'s members.
 struct Grant {
   cap :union {
     session @0 :Session;   # owner capability of a session (all rights)
     share @1 :Share;       # an attenuated share of a session
     admin @2 :Admin;       # the server's admin object
+    space @10 :Space;      # a space: opens sessions for ingestion (see `Space`)
   }
-  kind @3 :Text;           # "session", "share" or "admin"
-  id @4 :Text;             # session id, share id, or "admin"
+  kind @3 :Text;           # "session", "share", "admin" or "space"
+  id @4 :Text;             # session id, share id, space id, or "admin"
   sessionId @5 :Text;      # the session a session or share grant refers to; empty for admin
+                           # and space grants
   rights @6 :Rights;       # what calls the capability allows
   epoch @7 :UInt64;        # epoch of the object the token was minted under
   expiresAt @8 :UInt64;    # Unix ms; 0 = never
@@ -207,8 +211,9 @@ struct ShareSummary {
 struct AuditEntry {
   id @0 :UInt64;           # increasing; pass the last one seen as `since`
   at @1 :UInt64;           # Unix ms
-  action @2 :Text;         # mint, redeem, redeem-failed, revoke, denied, create-session
-  targetKind @3 :Text;     # session, share, admin or empty
+  action @2 :Text;         # mint, redeem, redeem-failed, revoke, denied, create-session,
+                           # create-space, open-session
+  targetKind @3 :Text;     # session, share, admin, space or empty
   targetId @4 :Text;
   sessionId @5 :Text;
   peer @6 :Text;           # peer address of the connection
@@ -216,9 +221,9 @@ struct AuditEntry {
 }
 
 struct Stats {
-  sessions @0 :UInt64;
-  shares @1 :UInt64;
-  ops @2 :UInt64;
+  sessions @0 :UInt64;     # sessions stored
+  shares @1 :UInt64;       # shares stored (revoked ones included)
+  ops @2 :UInt64;          # ops applied, over all sessions
   connections @3 :UInt64;  # open connections now
   liveCapabilities @4 :UInt64;
   subscriptions @5 :UInt64;
@@ -239,4 +244,59 @@ interface Admin {
   # Audit entries with id > since, oldest first, at most `limit` (0 = 100).
   audit @5 (since :UInt64, limit :UInt32) -> (entries :List(AuditEntry));
   stats @6 () -> (stats :Stats);
+
+  # A new space and its token (returned once; the server keeps only its hash). Hand the
+  # space's sturdy URI to an importer: it can open sessions without the admin URI.
+  createSpace @7 (label :Text) -> (spaceId :Text, token :Text);
+  #   label: shown by `listSpaces` (at most 256 bytes).
+  # Every space, oldest first.
+  listSpaces @8 () -> (spaces :List(SpaceSummary));
+  # Bumps the space's epoch; durable before it returns. The space's token, every session token
+  # minted through it by `openSession`, and every share minted below those stop working (their
+  # live capabilities fail their next call with capsync/revoked). The sessions and their data
+  # stay; shares minted by the admin (`mintShare`) keep working.
+  revokeSpace @9 (spaceId :Text) -> (epoch :UInt64);
+  # Mints a share of any session straight from the admin object (its parent is the session):
+  # how an operator reaches a session it holds no token of, e.g. one opened through a space.
+  # Rights as in `Session.mint`; ttlSeconds 0 = never expires. Revocable with `revokeShare`.
+  mintShare @10 (sessionId :Text, rights :Rights, label :Text, ttlSeconds :UInt64)
+      -> (token :Text, shareId :Text);
+}
+
+# A space as the admin sees it.
+struct SpaceSummary {
+  spaceId @0 :Text;        # UUID text
+  label @1 :Text;
+  epoch @2 :UInt64;        # bumped by each `revokeSpace`
+  revoked @3 :Bool;        # the space was revoked (its token is minted at epoch 0)
+  createdAt @4 :UInt64;    # Unix ms
+  sessionCount @5 :UInt32; # sessions opened through this space
+}
+
+# A session opened through a space.
+struct SpaceSession {
+  key @0 :Text;            # the key it was opened with (e.g. the agent's own session id)
+  sessionId @1 :Text;
+  title @2 :Text;          # the title given when the key was first opened
+  cursor @3 :UInt64;       # the session's current cursor
+  createdAt @4 :UInt64;    # Unix ms
+}
+
+# A space: a capability for ingestion. Whoever holds a space token can open sessions in it, each
+# under a key of its choosing, and get their owner tokens, without the admin URI; and nothing
+# else (it cannot reach sessions opened elsewhere). Every call fails with capsync/revoked once
+# the space is revoked (`Admin.revokeSpace`), and so does every token minted through it.
+interface Space {
+  # The session of `key` in this space, created on the first call with that key and returned
+  # again on every later one, concurrent calls included: re-running an import never creates a
+  # second session. `token` is a fresh owner token of that session (all rights) minted through
+  # this space, at the session's current epoch: revoking the space cuts it.
+  #   key: 1..=256 bytes of UTF-8, e.g. "codex:<agent session id>".
+  #   title: the new session's title; ignored when the key exists already.
+  #   created: whether this call created the session.
+  openSession @0 (key :Text, title :Text) -> (sessionId :Text, token :Text, created :Bool);
+  # The sessions opened through this space, oldest first.
+  listSessions @1 () -> (sessions :List(SpaceSession));
+  # What this space is.
+  info @2 () -> (info :SpaceSummary);
 }

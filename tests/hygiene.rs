@@ -1,6 +1,6 @@
 //! Issue 7, token hygiene: every flow of the CLI at `trace`, and no token anywhere in what the
-//! processes logged or printed (except the sturdy URIs `create-session` and `share` print on
-//! purpose), nor in the audit table.
+//! processes logged or printed (except the sturdy URIs `create-session`, `create-space`,
+//! `mint-share` and `share` print on purpose), nor in the audit table.
 
 mod common;
 
@@ -101,6 +101,22 @@ fn flows(format: &str) -> String {
     let forged = SturdyUri::new(server.addr.clone(), capsync_schema::Token::generate()).expose();
     assert!(!run(&["pull", &forged], false).0);
     assert!(!run(&["share", &format!("{owner}x"), "--rights", "read"], false).0);
+    // Spaces: the URIs `create-space` and `mint-share` print are the only secrets shown.
+    let (ok, space) = run(&["admin", "--admin-file", admin_file, "create-space", "--label", "hygiene"], true);
+    assert!(ok);
+    let space = space.trim().to_owned();
+    let (ok, spaces) = run(&["admin", "--admin-file", admin_file, "list-spaces", "--json"], false);
+    assert!(ok);
+    assert!(run(&["admin", "--admin-file", admin_file, "list-spaces"], false).0);
+    let spaces: serde_json::Value = serde_json::from_str(&spaces).unwrap();
+    let space_id = spaces[0]["space_id"].as_str().unwrap().to_owned();
+    let sessions: serde_json::Value = serde_json::from_str(&run(&["admin", "--admin-file", admin_file, "list-sessions", "--json"], false).1).unwrap();
+    let session_id = sessions[0]["session_id"].as_str().unwrap().to_owned();
+    let (ok, minted) = run(&["admin", "--admin-file", admin_file, "mint-share", &session_id, "--rights", "read"], true);
+    assert!(ok);
+    let minted = minted.trim().to_owned();
+    assert!(run(&["admin", "--admin-file", admin_file, "revoke-space", &space_id], false).0);
+    assert!(!run(&["admin", "--admin", &space, "list-spaces"], false).0, "a space URI is no admin URI");
     assert!(run(&["admin", "--admin-file", admin_file, "audit", "--json"], false).0);
     assert!(run(&["admin", "--admin-file", admin_file, "stats"], false).0);
     tail.kill().unwrap();
@@ -108,7 +124,7 @@ fn flows(format: &str) -> String {
     printed.push_str(&String::from_utf8_lossy(&tail.stdout));
     printed.push_str(&String::from_utf8_lossy(&tail.stderr));
 
-    let mut tokens: Vec<_> = [&owner, &writer, &reader, &forged].iter().map(|u| SturdyUri::parse(u).unwrap().token).collect();
+    let mut tokens: Vec<_> = [&owner, &writer, &reader, &forged, &space, &minted].iter().map(|u| SturdyUri::parse(u).unwrap().token).collect();
     tokens.push(server.admin_uri().token);
     assert!(printed.contains("DEBUG"), "the flows ran with verbose logs");
     assert!(printed.contains("capsync/revoked"), "the flows hit the revoked path");

@@ -3,7 +3,7 @@
 use crate::error::{ClientError, Result};
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use capnp_rpc::{twoparty, RpcSystem};
-use capsync_schema::capsync_capnp::{admin, gateway, session};
+use capsync_schema::capsync_capnp::{admin, gateway, session, space};
 use capsync_persistence::Rights;
 use capsync_schema::capsync_capnp::grant;
 use capsync_schema::{SturdyUri, Token};
@@ -130,6 +130,12 @@ impl Connection {
     pub fn admin(&self, token: &Token) -> (admin::Client, Redeemed) {
         let (pipeline, grant) = self.redeem(token);
         (pipeline.get_admin(), grant)
+    }
+
+    /// The space capability from `token`, pipelined (the redeem result's `space` field).
+    pub fn space(&self, token: &Token) -> (space::Client, Redeemed) {
+        let (pipeline, grant) = self.redeem(token);
+        (pipeline.get_space(), grant)
     }
 
     fn redeem(&self, token: &Token) -> (gateway::redeem_results::Pipeline, Redeemed) {

@@ -25,6 +25,7 @@
 //! - [`follow`]: live subscription into the replica, resuming from its cursor.
 //! - [`jsonl`]: the JSON Lines op format of `capsync push`.
 //! - [`pull`]: snapshot and changes into the local replica.
+//! - [`space`]: opening sessions by key through a space URI ([`space::open_session`]).
 //! - [`tls`]: TLS client configuration for `capsyncs://` URIs.
 //! - [`connection`]: one Cap'n Proto connection and pipelined redeems.
 //! - [`wire`]: storage model to wire structs and back.
@@ -37,6 +38,7 @@ pub mod error;
 pub mod follow;
 pub mod jsonl;
 pub mod pull;
+pub mod space;
 pub mod store;
 pub mod sync;
 pub mod tls;

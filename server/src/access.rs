@@ -4,23 +4,24 @@ use crate::error::{Result, ServerError};
 use crate::registry::{Currency, EpochLink, EpochRegistry, ObjectKey};
 use std::sync::Arc;
 use crate::store::{now_ms, Resolution};
-use capsync_persistence::server::TargetKind;
+use capsync_persistence::server::{SpaceLink, TargetKind};
 use capsync_persistence::Rights;
 
 /// A granted capability's identity, rights, expiry and epoch chain.
 #[derive(Clone, Debug)]
 pub struct Access {
     pub kind: TargetKind,
-    /// Session id, share id, or "admin".
+    /// Session id, share id, space id, or "admin".
     pub id: String,
-    /// Empty for admin.
+    /// Empty for admin and space.
     pub session_id: String,
-    /// The session's internal row id (0 for admin).
+    /// The session's internal row id (0 for admin and space).
     pub sid: i64,
     pub rights: Rights,
     /// Unix ms; 0 = never.
     pub expires_at: u64,
-    /// The target's own link first, then its parents' up to the session.
+    /// The target's own link first, then its parents' up to the session, then the space the
+    /// token descends from, if any.
     pub chain: Vec<EpochLink>,
     /// Whether this node's epoch cells are current (see [`EpochRegistry::currency`]).
     pub currency: Arc<Currency>,
@@ -32,7 +33,15 @@ impl Access {
     /// row as an unknown token.
     pub fn from_resolution(res: &Resolution, registry: &EpochRegistry) -> Result<Access> {
         let token = &res.token;
-        let (id, session, rights, chain) = match token.target_kind {
+        let space_link = |expected: u64| -> Result<EpochLink> {
+            let space = res.space.as_ref().ok_or(ServerError::UnknownToken)?;
+            if Some(space.id.as_str()) != token.space_to_resolve() {
+                return Err(ServerError::UnknownToken);
+            }
+            let key = ObjectKey::Space(space.id.clone());
+            Ok(EpochLink { cell: registry.cell(key.clone(), space.epoch), key, expected })
+        };
+        let (id, session, rights, mut chain) = match token.target_kind {
             TargetKind::Admin => {
                 let epoch = res.admin_epoch.ok_or(ServerError::UnknownToken)?;
                 let link = EpochLink { key: ObjectKey::Admin, cell: registry.cell(ObjectKey::Admin, epoch), expected: token.minted_epoch };
@@ -58,7 +67,15 @@ impl Access {
                 chain.push(EpochLink { cell: registry.cell(key.clone(), session.epoch), key, expected });
                 (target.id.clone(), Some(session), target.rights, chain)
             }
+            TargetKind::Space => {
+                let link = space_link(token.minted_epoch)?;
+                (token.target_id.clone(), None, Rights::default(), vec![link])
+            }
         };
+        // A session or share token minted through a space holds only while the space does.
+        if let (Some(through), TargetKind::Session | TargetKind::Share) = (&token.space, token.target_kind) {
+            chain.push(space_link(through.epoch)?);
+        }
         let access = Access {
             kind: token.target_kind,
             id,
@@ -100,6 +117,15 @@ impl Access {
     /// The epoch of the target object this capability was granted under.
     pub fn epoch(&self) -> u64 {
         self.chain.first().map(|l| l.expected).unwrap_or(0)
+    }
+
+    /// The space this capability descends from (or is), with the epoch it needs: what a token
+    /// minted through it records, so that revoking the space cuts that token too.
+    pub fn space(&self) -> Option<SpaceLink> {
+        self.chain.iter().find_map(|link| match &link.key {
+            ObjectKey::Space(id) => Some(SpaceLink { space_id: id.clone(), epoch: link.expected }),
+            _ => None,
+        })
     }
 }
 

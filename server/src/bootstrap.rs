@@ -63,6 +63,7 @@ pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_
         created_at: now_ms(),
         expires_at: 0,
         last_used_at: 0,
+        space: None,
     };
     let epoch = store.renew_admin(row).await?;
     registry.bump(crate::registry::ObjectKey::Admin, epoch);

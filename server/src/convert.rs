@@ -6,8 +6,8 @@ use crate::config::Limits;
 use crate::error::{Result, ServerError};
 use capsync_persistence::server::ShareRow;
 use capsync_persistence::*;
-use capsync_schema::capsync_capnp::{entity, entity_key, op, share_summary, session_summary};
-use capsync_persistence::server::SessionRow;
+use capsync_schema::capsync_capnp::{entity, entity_key, op, share_summary, session_summary, space_summary};
+use capsync_persistence::server::{SessionRow, SpaceRow};
 
 pub use capsync_schema::wire::{kind_from, kind_to, rights_from, set_ack, set_applied_op, set_entity, set_rights};
 
@@ -117,4 +117,14 @@ pub fn set_share_summary(mut b: share_summary::Builder<'_>, s: &ShareRow, revoke
     b.set_created_at(s.created_at);
     b.set_expires_at(s.expires_at);
     b.set_last_used_at(s.last_used_at);
+}
+
+pub fn set_space_summary(mut b: space_summary::Builder<'_>, s: &SpaceRow, sessions: u32) {
+    b.set_space_id(s.id.as_str());
+    b.set_label(s.label.as_str());
+    b.set_epoch(s.epoch);
+    // A space's only token is minted at epoch 0, so any bump revoked it.
+    b.set_revoked(s.epoch != 0);
+    b.set_created_at(s.created_at);
+    b.set_session_count(sessions);
 }

@@ -5,8 +5,9 @@ use crate::admin::AdminImpl;
 use crate::connection::Connection;
 use crate::error::ServerError;
 use crate::session::SessionImpl;
+use crate::space::SpaceImpl;
 use capsync_persistence::server::TargetKind;
-use capsync_schema::capsync_capnp::{admin, gateway, grant, session, share};
+use capsync_schema::capsync_capnp::{admin, gateway, grant, session, share, space};
 use capsync_schema::TokenHash;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ enum LiveCap {
     Session(session::Client),
     Share(share::Client),
     Admin(admin::Client),
+    Space(space::Client),
 }
 
 pub struct GatewayImpl {
@@ -74,6 +76,7 @@ impl GatewayImpl {
             TargetKind::Session => LiveCap::Session(capnp_rpc::new_client(SessionImpl::new(access.clone(), self.conn.clone()))),
             TargetKind::Share => LiveCap::Share(capnp_rpc::new_client(SessionImpl::new(access.clone(), self.conn.clone()))),
             TargetKind::Admin => LiveCap::Admin(capnp_rpc::new_client(AdminImpl::new(access.clone(), self.conn.clone()))),
+            TargetKind::Space => LiveCap::Space(capnp_rpc::new_client(SpaceImpl::new(access.clone(), self.conn.clone()))),
         };
         crate::store::detach("redeem", shared.store.record_redeem(hash.0, self.conn.event("redeem", Some(&access), "")));
         if let Some(ip) = self.conn.peer_ip() {
@@ -118,6 +121,10 @@ impl gateway::Server for GatewayImpl {
                 LiveCap::Admin(c) => {
                     slot.set_admin(c.clone());
                     out.set_admin(c);
+                }
+                LiveCap::Space(c) => {
+                    slot.set_space(c.clone());
+                    out.set_space(c);
                 }
             }
             Ok(())

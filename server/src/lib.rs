@@ -26,9 +26,10 @@
 //!   guards counting calls and capabilities (the capability modules below build on it).
 //! - [`gateway`]: `Gateway.redeem`, from token to live capability.
 //! - [`session`]: `Session` and `Share` (one implementation, limited by rights).
+//! - [`space`]: `Space`: opening sessions by key for ingestion, without the admin URI.
 //! - [`subscription`]: `subscribe`: catch-up then live ops to a streaming `Listener`.
 //! - [`feed`]: per-session rings of recent ops that the writer publishes after each commit.
-//! - [`admin`]: `Admin`: sessions, shares, revocation, audit, stats.
+//! - [`admin`]: `Admin`: sessions, shares, spaces, revocation, audit, stats.
 //! - [`access`]: a grant's rights, expiry and epoch chain, checked on every call.
 //! - [`sequencer`]: each client's batches in batchSeq order, whatever the dispatch order.
 //! - [`registry`]: in-memory epoch cells that revocation bumps.
@@ -40,7 +41,7 @@
 //! - [`metrics`]: the Prometheus metrics (fixed label values only).
 //! - [`health`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`datadir`]: the exclusive lock that makes one server the owner of its data dir.
-//! - [`bootstrap`]: `<data-dir>/admin.uri`.
+//! - [`bootstrap`]: the admin URI file, `<data-dir>/admin.uri`.
 //! - [`tls`]: the TLS server configuration from PEM files.
 //! - [`config`]: settings and limits.
 //! - [`error`]: [`ServerError`] and its one mapping to `capsync/...` markers.
@@ -66,6 +67,7 @@ pub mod postgres;
 pub mod registry;
 pub mod sequencer;
 pub mod session;
+pub mod space;
 pub mod store;
 pub mod subscription;
 pub mod throttle;

@@ -19,8 +19,11 @@ use crate::access::Guard;
 use crate::error::{Result, ServerError};
 use crate::registry::ObjectKey;
 use crate::store::{Fut, Publish, Resolution, Store, StoreEvent};
+use capsync_model::stored::{
+    AuditEvent, AuditRow, OpenSession, OpenedSession, SessionRow, ShareRow, SnapshotPage, SpaceRow, SpaceSessionRow,
+    StoreStats, TokenRow,
+};
 use capsync_store_postgres::notify::{ListenOptions, Notice, RevokedKind};
-use capsync_model::stored::{AuditEvent, AuditRow, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow};
 use capsync_persistence::{BatchAck, EntityKind, Id16, IncomingBatch, LoggedOp};
 use capsync_persistence::failpoint;
 use capsync_persistence::writer::{GroupObserver, GroupReport};
@@ -83,6 +86,7 @@ fn links(guard: &Guard) -> Result<Vec<GuardLink>> {
             ObjectKey::Admin => GuardLink::admin(link.expected),
             ObjectKey::Session(id) => GuardLink::session(id.clone(), link.expected),
             ObjectKey::Share(id) => GuardLink::share(id.clone(), link.expected),
+            ObjectKey::Space(id) => GuardLink::space(id.clone(), link.expected),
         })
         .collect())
 }
@@ -111,8 +115,7 @@ impl Store for PostgresStore {
                     Notice::Advanced { sid, cursor } => StoreEvent::Advanced { sid, cursor },
                     Notice::Revoked { kind: RevokedKind::Session, id, epoch } => StoreEvent::Revoked(ObjectKey::Session(id), epoch),
                     Notice::Revoked { kind: RevokedKind::Share, id, epoch } => StoreEvent::Revoked(ObjectKey::Share(id), epoch),
-                    // Spaces are not objects of this node's cells (yet).
-                    Notice::Revoked { kind: RevokedKind::Space, .. } => continue,
+                    Notice::Revoked { kind: RevokedKind::Space, id, epoch } => StoreEvent::Revoked(ObjectKey::Space(id), epoch),
                 };
                 if tx.send(event).is_err() {
                     return;
@@ -125,18 +128,20 @@ impl Store for PostgresStore {
     fn epochs(&self, keys: Vec<ObjectKey>) -> Fut<Vec<(ObjectKey, u64)>> {
         let pg = self.pg.clone();
         Box::pin(async move {
-            let (mut sessions, mut shares, mut admin) = (Vec::new(), Vec::new(), false);
+            let (mut sessions, mut shares, mut spaces, mut admin) = (Vec::new(), Vec::new(), Vec::new(), false);
             for key in keys {
                 match key {
                     ObjectKey::Admin => admin = true,
                     ObjectKey::Session(id) => sessions.push(id),
                     ObjectKey::Share(id) => shares.push(id),
+                    ObjectKey::Space(id) => spaces.push(id),
                 }
             }
-            let current = pg.epochs(&sessions, &shares).await?;
+            let current = pg.epochs(&sessions, &shares, &spaces).await?;
             let mut epochs: Vec<(ObjectKey, u64)> = Vec::new();
             epochs.extend(current.sessions.into_iter().map(|(id, e)| (ObjectKey::Session(id), e)));
             epochs.extend(current.shares.into_iter().map(|(id, e)| (ObjectKey::Share(id), e)));
+            epochs.extend(current.spaces.into_iter().map(|(id, e)| (ObjectKey::Space(id), e)));
             if let (true, Some(epoch)) = (admin, current.admin) {
                 epochs.push((ObjectKey::Admin, epoch));
             }
@@ -242,6 +247,38 @@ impl Store for PostgresStore {
             }
             Ok(epoch)
         })
+    }
+
+    fn create_space(&self, space: SpaceRow, token: TokenRow, guard: Guard, event: AuditEvent) -> Fut<()> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.create_space(&space, &token, &links(&guard)?, &event).await?) })
+    }
+
+    fn open_space_session(&self, open: OpenSession, guard: Guard, event: AuditEvent) -> Fut<OpenedSession> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.open_space_session(&open, &links(&guard)?, &event).await?) })
+    }
+
+    fn revoke_space(&self, space_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>> {
+        let pg = self.pg.clone();
+        Box::pin(async move {
+            let epoch = pg.revoke_space(&space_id, &event).await?;
+            failpoint::hit("server-revoke-after-commit");
+            if let Some(epoch) = epoch {
+                on_commit(epoch);
+            }
+            Ok(epoch)
+        })
+    }
+
+    fn list_spaces(&self) -> Fut<Vec<(SpaceRow, u32)>> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.list_spaces().await?) })
+    }
+
+    fn space_sessions(&self, space_id: String) -> Fut<Vec<SpaceSessionRow>> {
+        let pg = self.pg.clone();
+        Box::pin(async move { Ok(pg.space_sessions(&space_id).await?) })
     }
 
     fn renew_admin(&self, token: TokenRow) -> Fut<u64> {

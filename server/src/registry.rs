@@ -1,7 +1,8 @@
 //! In-memory epoch cells, shared by every live capability and the revocation path.
 //!
 //! A live capability remembers, for each object up its chain (share → parent shares →
-//! session, or the admin object), the cell of that object and the epoch it was granted
+//! session, then the space it descends from if any; or the admin object; or a space), the cell
+//! of that object and the epoch it was granted
 //! under. Revocation bumps the cell after its transaction commits, so the next call on any
 //! connection fails with one comparison per link, without a database read.
 //!
@@ -17,6 +18,7 @@ pub enum ObjectKey {
     Admin,
     Session(String),
     Share(String),
+    Space(String),
 }
 
 pub struct EpochRegistry {

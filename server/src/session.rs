@@ -10,7 +10,7 @@ use crate::convert;
 use crate::error::{Result, ServerError};
 use crate::connection::{Connection, LiveGuard};
 use crate::store::now_ms;
-use capsync_persistence::server::{ShareRow, TargetKind, TokenRow};
+use capsync_persistence::server::{ShareRow, SpaceLink, TargetKind, TokenRow};
 use capsync_persistence::Rights;
 use capsync_schema::capsync_capnp::{session, share};
 use capsync_schema::Token;
@@ -196,10 +196,7 @@ impl session::Server for SessionImpl {
             if rights == Rights::default() {
                 return Err(ServerError::Invalid("a share needs at least one right".into()).into());
             }
-            let label = params.get_label()?.to_str().map_err(|_| ServerError::Invalid("label is not UTF-8".into()))?;
-            if label.len() > 256 {
-                return Err(ServerError::Invalid("label is longer than 256 bytes".into()).into());
-            }
+            let label = share_label(params.get_label())?;
             let expires_at = match self.child_expiry(params.get_ttl_seconds()) {
                 Ok(at) => at,
                 Err(err) => {
@@ -207,38 +204,24 @@ impl session::Server for SessionImpl {
                     return Err(err.into());
                 }
             };
-            let now = now_ms();
-            let share_id = uuid::Uuid::now_v7().to_string();
             let (parent_share_id, parent) = match self.access.kind {
                 TargetKind::Share => (Some(self.access.id.clone()), format!("share:{}", self.access.id)),
                 _ => (None, format!("session:{}", self.access.session_id)),
             };
-            let token = Token::generate();
-            let share = ShareRow {
-                id: share_id.clone(),
-                sid: self.access.sid,
-                session_id: self.access.session_id.clone(),
-                parent_share_id,
-                parent_epoch: self.access.epoch(),
+            let (token, share, row) = new_share(
+                ShareParent {
+                    sid: self.access.sid,
+                    session_id: self.access.session_id.clone(),
+                    parent_share_id,
+                    parent_epoch: self.access.epoch(),
+                    minted_by: parent,
+                    space: self.access.space(),
+                },
                 rights,
-                label: label.to_owned(),
-                epoch: 0,
-                created_at: now,
+                label.clone(),
                 expires_at,
-                last_used_at: 0,
-            };
-            let row = TokenRow {
-                hash: token.hash().0,
-                target_kind: TargetKind::Share,
-                target_id: share_id.clone(),
-                minted_epoch: 0,
-                rights,
-                parent,
-                label: label.to_owned(),
-                created_at: now,
-                expires_at,
-                last_used_at: 0,
-            };
+            );
+            let share_id = share.id.clone();
             let mut event = self.conn.event("mint", Some(&self.access), format!("rights={} label={label}", rights.names()));
             event.target_kind = "share".into();
             event.target_id = share_id.clone();
@@ -277,6 +260,63 @@ impl session::Server for SessionImpl {
         })
         .await
     }
+}
+
+/// Where a new share hangs: its session, its parent share (none when minted from the session
+/// itself or by the admin) and that parent's epoch, who minted it, and the space it descends
+/// from (inherited from the minting capability, so revoking the space cuts the share too).
+pub(crate) struct ShareParent {
+    pub sid: i64,
+    pub session_id: String,
+    pub parent_share_id: Option<String>,
+    pub parent_epoch: u64,
+    /// `session:<id>`, `share:<id>` or `admin`, recorded on the token.
+    pub minted_by: String,
+    pub space: Option<SpaceLink>,
+}
+
+/// A new share's token, row and token row (the store keeps only the token's hash).
+pub(crate) fn new_share(parent: ShareParent, rights: Rights, label: String, expires_at: u64) -> (Token, ShareRow, TokenRow) {
+    let now = now_ms();
+    let share_id = uuid::Uuid::now_v7().to_string();
+    let token = Token::generate();
+    let row = TokenRow {
+        hash: token.hash().0,
+        target_kind: TargetKind::Share,
+        target_id: share_id.clone(),
+        minted_epoch: 0,
+        rights,
+        parent: parent.minted_by,
+        label: label.clone(),
+        created_at: now,
+        expires_at,
+        last_used_at: 0,
+        space: parent.space.clone(),
+    };
+    let share = ShareRow {
+        id: share_id,
+        sid: parent.sid,
+        session_id: parent.session_id,
+        parent_share_id: parent.parent_share_id,
+        parent_epoch: parent.parent_epoch,
+        rights,
+        label,
+        epoch: 0,
+        created_at: now,
+        expires_at,
+        last_used_at: 0,
+        space: parent.space,
+    };
+    (token, share, row)
+}
+
+/// A share's label: UTF-8, at most 256 bytes.
+pub(crate) fn share_label(text: capnp::Result<capnp::text::Reader<'_>>) -> Result<String> {
+    let label = text?.to_str().map_err(|_| ServerError::Invalid("label is not UTF-8".into()))?;
+    if label.len() > 256 {
+        return Err(ServerError::Invalid("label is longer than 256 bytes".into()));
+    }
+    Ok(label.to_owned())
 }
 
 pub(crate) fn op_bytes(body: &capsync_persistence::OpBody) -> usize {

@@ -9,7 +9,8 @@
 use crate::error::{Result, ServerError};
 use crate::registry::ObjectKey;
 use capsync_persistence::server::{
-    self, AuditEvent, AuditRow, ServerReader, SessionRow, ShareRow, SnapshotPage, StoreStats, TokenRow,
+    self, AuditEvent, AuditRow, OpenSession, OpenedSession, ServerReader, SessionRow, ShareRow, SnapshotPage,
+    SpaceRow, SpaceSessionRow, StoreStats, TokenRow,
 };
 use capsync_persistence::readers::Readers;
 use capsync_persistence::writer::{GroupObserver, JobOutcome, Txn, WriteJob, Writer};
@@ -108,6 +109,19 @@ pub trait Store {
     /// Bumps the share's epoch; `on_commit` runs once it is durable, before any later write.
     fn revoke_share(&self, share_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
     fn revoke_session(&self, session_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
+    /// Stores a new space, its token and an audit row, if `guard` (the admin's) still holds.
+    fn create_space(&self, space: SpaceRow, token: TokenRow, guard: Guard, event: AuditEvent) -> Fut<()>;
+    /// `Space.openSession`: if `guard` (the space capability's) still holds, the session of
+    /// (space, key), created if new, with `open.owner` stored as a token of it at its current
+    /// epoch, and an audit row (`event` completed by [`OpenedSession::audit_event`]); one
+    /// transaction. Idempotent by key, concurrent calls included.
+    fn open_space_session(&self, open: OpenSession, guard: Guard, event: AuditEvent) -> Fut<OpenedSession>;
+    /// Bumps the space's epoch; `on_commit` runs once it is durable, before any later write.
+    fn revoke_space(&self, space_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>>;
+    /// Every space with the number of sessions opened through it.
+    fn list_spaces(&self) -> Fut<Vec<(SpaceRow, u32)>>;
+    /// The sessions opened through a space.
+    fn space_sessions(&self, space_id: String) -> Fut<Vec<SpaceSessionRow>>;
     /// Stores a new admin token for this server's `admin.uri` and returns the admin epoch it
     /// was minted at, creating the admin object if there is none. SQLite, whose data dir is
     /// this server's alone, bumps the epoch (a lost `admin.uri` rotates the admin: every older
@@ -275,10 +289,14 @@ impl Store for SqliteStore {
                     }
                 }
                 server::TargetKind::Session => session = reader.session(&token.target_id)?,
-                server::TargetKind::Admin => {}
+                server::TargetKind::Admin | server::TargetKind::Space => {}
             }
             let admin_epoch = reader.admin_epoch()?;
-            Ok(Some(Resolution { token, shares, session, admin_epoch }))
+            let space = match token.space_to_resolve() {
+                Some(id) => reader.space(id)?,
+                None => None,
+            };
+            Ok(Some(Resolution { token, shares, session, admin_epoch, space }))
         })
     }
 
@@ -371,6 +389,48 @@ impl Store for SqliteStore {
 
     fn revoke_session(&self, session_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>> {
         self.revoke(|txn, id| txn.bump_session_epoch(id), session_id, event, on_commit)
+    }
+
+    fn create_space(&self, space: SpaceRow, token: TokenRow, guard: Guard, event: AuditEvent) -> Fut<()> {
+        self.write(
+            Priority::Normal,
+            1,
+            move |txn| {
+                guard.check()?;
+                txn.insert_space(&space)?;
+                txn.insert_token(&token)?;
+                txn.audit(&event, space.created_at)?;
+                Ok(())
+            },
+            |_| {},
+        )
+    }
+
+    fn open_space_session(&self, open: OpenSession, guard: Guard, event: AuditEvent) -> Fut<OpenedSession> {
+        self.write(
+            Priority::Normal,
+            1,
+            move |txn| {
+                // On the single writer, after every revocation queued before it has bumped its cell.
+                guard.check()?;
+                let opened = txn.open_space_session(&open)?;
+                txn.audit(&opened.audit_event(&event), open.owner.created_at)?;
+                Ok(opened)
+            },
+            |_| {},
+        )
+    }
+
+    fn revoke_space(&self, space_id: String, event: AuditEvent, on_commit: Box<dyn FnOnce(u64) + Send>) -> Fut<Option<u64>> {
+        self.revoke(|txn, id| txn.bump_space_epoch(id), space_id, event, on_commit)
+    }
+
+    fn list_spaces(&self) -> Fut<Vec<(SpaceRow, u32)>> {
+        self.read(|reader| reader.list_spaces())
+    }
+
+    fn space_sessions(&self, space_id: String) -> Fut<Vec<SpaceSessionRow>> {
+        self.read(move |reader| reader.space_sessions(&space_id))
     }
 
     fn renew_admin(&self, mut token: TokenRow) -> Fut<u64> {

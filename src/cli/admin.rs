@@ -55,6 +55,35 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Create a space and print its sturdy URI: its holder can open sessions (e.g. `capsync
+    /// import ... --space URI`) without the admin URI.
+    CreateSpace {
+        /// A label shown by `admin list-spaces`.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List spaces with the number of sessions opened through each.
+    ListSpaces {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a space: its URI, every session URI opened through it and every share minted
+    /// below those stop working (the sessions and their data stay).
+    RevokeSpace { id: String },
+    /// Mint a share of any session (e.g. one opened through a space) and print its sturdy URI.
+    MintShare {
+        /// The session's id (see `admin list-sessions`).
+        session: String,
+        /// Comma-separated rights: read, append, mint.
+        #[arg(long, value_parser = super::share::parse_rights)]
+        rights: capsync_persistence::Rights,
+        /// A label shown by `admin list-shares`.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// How long the share lives (90s, 30m, 1h, 7d); by default it never expires.
+        #[arg(long, value_parser = super::parse_duration)]
+        ttl: Option<u64>,
+    },
 }
 
 pub fn load_admin_uri(admin: &AdminRef) -> anyhow::Result<SturdyUri> {
@@ -63,7 +92,7 @@ pub fn load_admin_uri(admin: &AdminRef) -> anyhow::Result<SturdyUri> {
         None => std::fs::read_to_string(&admin.admin_file)
             .with_context(|| format!("cannot read the admin URI from {}", admin.admin_file.display()))?,
     };
-    Ok(SturdyUri::parse(&text).context("the admin URI")?)
+    SturdyUri::parse(&text).context("the admin URI")
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<ExitCode> {
@@ -93,7 +122,7 @@ fn rpc<T>(result: Result<T, capnp::Error>) -> anyhow::Result<T> {
 
 /// A text field of a server answer.
 pub fn text(field: capnp::Result<capnp::text::Reader<'_>>) -> anyhow::Result<String> {
-    Ok(rpc(field)?.to_string().map_err(|_| anyhow::anyhow!("the server sent text that is not UTF-8"))?)
+    rpc(field)?.to_string().map_err(|_| anyhow::anyhow!("the server sent text that is not UTF-8"))
 }
 
 async fn command(admin: &admin::Client, uri: &SturdyUri, command: AdminCommand) -> anyhow::Result<()> {
@@ -222,6 +251,68 @@ async fn command(admin: &admin::Client, uri: &SturdyUri, command: AdminCommand) 
                     );
                 }
             }
+        }
+        AdminCommand::CreateSpace { label } => {
+            let mut request = admin.create_space_request();
+            request.get().set_label(label.as_str());
+            let response = rpc(request.send().promise.await)?;
+            let results = rpc(response.get())?;
+            let token = capsync_schema::Token::parse(&text(results.get_token())?)?;
+            let space = SturdyUri::new(uri.address.clone(), token).with_tls(uri.tls);
+            eprintln!("created space {}", &text(results.get_space_id())?);
+            println!("{}", space.expose());
+        }
+        AdminCommand::ListSpaces { json } => {
+            let response = rpc(admin.list_spaces_request().send().promise.await)?;
+            let spaces = rpc(rpc(response.get())?.get_spaces())?;
+            let mut rows = Vec::new();
+            for s in spaces.iter() {
+                rows.push(json!({
+                    "space_id": text(s.get_space_id())?,
+                    "label": text(s.get_label())?,
+                    "epoch": s.get_epoch(),
+                    "revoked": s.get_revoked(),
+                    "created_at": s.get_created_at(),
+                    "sessions": s.get_session_count(),
+                }));
+            }
+            if json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:<36}  {:>8}  {:<7}  {:>5}  {:<20}  LABEL", "SPACE", "SESSIONS", "STATE", "EPOCH", "CREATED");
+                for r in rows {
+                    println!(
+                        "{:<36}  {:>8}  {:<7}  {:>5}  {:<20}  {}",
+                        r["space_id"].as_str().unwrap_or(""),
+                        r["sessions"],
+                        if r["revoked"].as_bool().unwrap_or(false) { "revoked" } else { "active" },
+                        r["epoch"],
+                        format_ms(r["created_at"].as_u64().unwrap_or(0)),
+                        r["label"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        AdminCommand::RevokeSpace { id } => {
+            let mut request = admin.revoke_space_request();
+            request.get().set_space_id(id.as_str());
+            let response = rpc(request.send().promise.await)?;
+            println!("revoked space {id} (epoch {})", rpc(response.get())?.get_epoch());
+        }
+        AdminCommand::MintShare { session, rights, label, ttl } => {
+            let mut request = admin.mint_share_request();
+            {
+                let mut params = request.get();
+                params.set_session_id(session.as_str());
+                capsync_schema::wire::set_rights(params.reborrow().init_rights(), rights);
+                params.set_label(label.as_str());
+                params.set_ttl_seconds(ttl.unwrap_or(0));
+            }
+            let response = rpc(request.send().promise.await)?;
+            let results = rpc(response.get())?;
+            let token = capsync_schema::Token::parse(&text(results.get_token())?)?;
+            eprintln!("minted share {} of session {session}", &text(results.get_share_id())?);
+            println!("{}", SturdyUri::new(uri.address.clone(), token).with_tls(uri.tls).expose());
         }
         AdminCommand::Stats { json } => {
             let response = rpc(admin.stats_request().send().promise.await)?;

@@ -33,7 +33,7 @@ pub struct Cli {
 enum Command {
     /// Run the sync server.
     Serve(serve::ServeArgs),
-    /// Administer a server: sessions, shares, revocation, audit, stats.
+    /// Administer a server: sessions, shares, spaces, revocation, audit, stats.
     Admin(admin::AdminArgs),
     /// Mint a share of a session (or of a share) and print its sturdy URI.
     Share(share::ShareArgs),

@@ -24,7 +24,7 @@ pub struct ShareArgs {
     tls: super::TlsArg,
 }
 
-fn parse_rights(text: &str) -> Result<Rights, String> {
+pub(super) fn parse_rights(text: &str) -> Result<Rights, String> {
     let mut rights = Rights::default();
     for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match name {

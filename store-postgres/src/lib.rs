@@ -13,10 +13,14 @@
 //!   commit and then reads the new cursor. A reader that sees cursor C sees every op ≤ C.
 //! - **No write commits after a revocation's commit.** Every guarded write checks its epoch
 //!   chain ([`GuardLink`]) inside its transaction: the session row it has locked, the share
-//!   rows and the admin row read `FOR SHARE`. A revocation is an `UPDATE` of one of those
+//!   rows, the space row (for a capability minted through a space) and the admin row read
+//!   `FOR SHARE`. A revocation is an `UPDATE` of one of those
 //!   rows: if it committed first, the check reads the new epoch and the write fails with
 //!   [`PgError::Revoked`], changing nothing; if the write locked first, the revocation waits
 //!   for the write to commit, so the write precedes it.
+//! - **A space's key opens one session**: `openSession` relies on the primary key of
+//!   `space_sessions (space_id, key)`, with `ON CONFLICT DO NOTHING` for two nodes opening the
+//!   same new key at once (see [`PgStore::open_space_session`]).
 //! - **Dedupe and `batchSeq` are enforced by the database**: `UNIQUE (sid, op_id)` on the op
 //!   log and `PRIMARY KEY (sid, client_id, batch_seq)` on the stored batches, under the session
 //!   lock.
@@ -55,7 +59,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::{NoTls, Row};
 
 pub use capsync_model::stored::{
-    AuditEvent, AuditRow, Resolution, SessionRow, ShareRow, SnapshotPage, StoreStats, TargetKind, TokenRow,
+    AuditEvent, AuditRow, OpenSession, OpenedSession, Resolution, SessionRow, ShareRow, SnapshotPage, SpaceLink,
+    SpaceRow, SpaceSessionRow, StoreStats, TargetKind, TokenRow,
 };
 
 
@@ -67,6 +72,8 @@ pub enum GuardTarget {
     Session(String),
     /// By share id.
     Share(String),
+    /// By space id.
+    Space(String),
 }
 
 /// One link of the epoch chain a write must still match: the object and the epoch the
@@ -89,6 +96,10 @@ impl GuardLink {
 
     pub fn admin(expected: u64) -> GuardLink {
         GuardLink { target: GuardTarget::Admin, expected }
+    }
+
+    pub fn space(id: impl Into<String>, expected: u64) -> GuardLink {
+        GuardLink { target: GuardTarget::Space(id.into()), expected }
     }
 }
 
@@ -223,6 +234,7 @@ impl Default for PgOptions {
 pub struct CurrentEpochs {
     pub sessions: Vec<(String, u64)>,
     pub shares: Vec<(String, u64)>,
+    pub spaces: Vec<(String, u64)>,
     pub admin: Option<u64>,
 }
 
@@ -240,7 +252,26 @@ type Txn<'a> = deadpool_postgres::Transaction<'a>;
 const SESSION_COLUMNS: &str = "sid, id, title, epoch, cursor, created_at";
 const SHARE_COLUMNS: &str = "s.id, s.sid, x.id, s.parent_share_id, s.parent_epoch, s.rights, s.label, s.epoch,
      s.created_at, s.expires_at,
-     (SELECT coalesce(max(last_used_at), 0) FROM tokens t WHERE t.target_kind = 'share' AND t.target_id = s.id)";
+     (SELECT coalesce(max(last_used_at), 0) FROM tokens t WHERE t.target_kind = 'share' AND t.target_id = s.id),
+     s.space_id, s.space_epoch";
+/// How many columns [`SHARE_COLUMNS`] has (what follows them in a row starts here).
+const SHARE_COLUMN_COUNT: usize = 13;
+const SPACE_COLUMNS: &str = "id, label, epoch, created_at";
+
+/// A [`SpaceLink`] from nullable `space_id` and `space_epoch` columns at `at`.
+fn space_link(r: &Row, at: usize) -> Option<SpaceLink> {
+    let id: Option<String> = r.get(at);
+    id.map(|space_id| SpaceLink { space_id, epoch: r.get::<_, i64>(at + 1) as u64 })
+}
+
+fn space_row(r: &Row, at: usize) -> SpaceRow {
+    SpaceRow {
+        id: r.get(at),
+        label: r.get(at + 1),
+        epoch: r.get::<_, i64>(at + 2) as u64,
+        created_at: r.get::<_, i64>(at + 3) as u64,
+    }
+}
 
 fn session_row(r: &Row, at: usize) -> SessionRow {
     SessionRow {
@@ -266,6 +297,7 @@ fn share_row(r: &Row) -> ShareRow {
         created_at: r.get::<_, i64>(8) as u64,
         expires_at: r.get::<_, i64>(9) as u64,
         last_used_at: r.get::<_, i64>(10) as u64,
+        space: space_link(r, 11),
     }
 }
 
@@ -317,8 +349,8 @@ async fn insert_token(tx: &Txn<'_>, token: &TokenRow) -> Result<(), PgError> {
     let stmt = tx
         .prepare_cached(
             "INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent, label,
-                                 created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                                 created_at, expires_at, space_id, space_epoch)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .await?;
     tx.execute(
@@ -333,6 +365,8 @@ async fn insert_token(tx: &Txn<'_>, token: &TokenRow) -> Result<(), PgError> {
             &token.label,
             &(token.created_at as i64),
             &(token.expires_at as i64),
+            &token.space.as_ref().map(|s| s.space_id.as_str()),
+            &token.space.as_ref().map_or(0, |s| s.epoch as i64),
         ],
     )
     .await?;
@@ -372,6 +406,10 @@ async fn check_guard(tx: &Txn<'_>, guard: &[GuardLink], locked: Option<(&str, u6
             GuardTarget::Admin => {
                 let stmt = tx.prepare_cached("SELECT epoch FROM admin WHERE id = 1 FOR SHARE").await?;
                 tx.query_opt(&stmt, &[]).await?.map(|r| r.get::<_, i64>(0) as u64)
+            }
+            GuardTarget::Space(id) => {
+                let stmt = tx.prepare_cached("SELECT epoch FROM spaces WHERE id = $1 FOR SHARE").await?;
+                tx.query_opt(&stmt, &[id]).await?.map(|r| r.get::<_, i64>(0) as u64)
             }
         };
         if current != Some(link.expected) {
@@ -466,15 +504,20 @@ impl PgStore {
     // ---- Reads -------------------------------------------------------------------------
 
     /// Looks a token up by its hash and resolves what judging it needs: the share chain up to
-    /// the session (target first), the session and the admin epoch. `None` for an unknown
-    /// token or a chain with a missing link.
+    /// the session (target first), the session, the admin epoch and the space (a space token's
+    /// target, or the space the token descends from). `None` for an unknown token or a chain
+    /// with a missing link.
     pub async fn resolve_token(&self, hash: &[u8; 32]) -> Result<Option<Resolution>, PgError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT target_kind, target_id, minted_epoch, rights, parent, label, created_at,
-                        expires_at, last_used_at, (SELECT epoch FROM admin WHERE id = 1)
-                 FROM tokens WHERE hash = $1",
+                "SELECT t.target_kind, t.target_id, t.minted_epoch, t.rights, t.parent, t.label, t.created_at,
+                        t.expires_at, t.last_used_at, (SELECT epoch FROM admin WHERE id = 1),
+                        t.space_id, t.space_epoch,
+                        sp.id, sp.label, sp.epoch, sp.created_at
+                 FROM tokens t LEFT JOIN spaces sp
+                     ON sp.id = CASE WHEN t.target_kind = 'space' THEN t.target_id ELSE t.space_id END
+                 WHERE t.hash = $1",
             )
             .await?;
         let Some(row) = client.query_opt(&stmt, &[&&hash[..]]).await? else { return Ok(None) };
@@ -490,8 +533,10 @@ impl PgStore {
             created_at: row.get::<_, i64>(6) as u64,
             expires_at: row.get::<_, i64>(7) as u64,
             last_used_at: row.get::<_, i64>(8) as u64,
+            space: space_link(&row, 10),
         };
         let admin_epoch = row.get::<_, Option<i64>>(9).map(|e| e as u64);
+        let space = row.get::<_, Option<String>>(12).is_some().then(|| space_row(&row, 12));
         let mut shares = Vec::new();
         let mut session = None;
         match target_kind {
@@ -518,12 +563,12 @@ impl PgStore {
                     Some(last) if last.parent_share_id.is_none() => {}
                     _ => return Ok(None),
                 }
-                session = rows.last().map(|r| session_row(r, 11));
+                session = rows.last().map(|r| session_row(r, SHARE_COLUMN_COUNT));
             }
             TargetKind::Session => session = self.session_on(&client, &token.target_id).await?,
-            TargetKind::Admin => {}
+            TargetKind::Admin | TargetKind::Space => {}
         }
-        Ok(Some(Resolution { token, shares, session, admin_epoch }))
+        Ok(Some(Resolution { token, shares, session, admin_epoch, space }))
     }
 
     async fn session_on(&self, client: &deadpool_postgres::Client, id: &str) -> Result<Option<SessionRow>, PgError> {
@@ -543,6 +588,40 @@ impl PgStore {
         Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| share_row(&r)))
     }
 
+    pub async fn space(&self, id: &str) -> Result<Option<SpaceRow>, PgError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&format!("SELECT {SPACE_COLUMNS} FROM spaces WHERE id = $1")).await?;
+        Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| space_row(&r, 0)))
+    }
+
+    /// Every space with the number of sessions opened through it, oldest first.
+    pub async fn list_spaces(&self) -> Result<Vec<(SpaceRow, u32)>, PgError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {SPACE_COLUMNS}, (SELECT count(*) FROM space_sessions ss WHERE ss.space_id = spaces.id)
+             FROM spaces ORDER BY created_at, id"
+        );
+        let stmt = client.prepare_cached(&sql).await?;
+        Ok(client.query(&stmt, &[]).await?.iter().map(|r| (space_row(r, 0), r.get::<_, i64>(4) as u32)).collect())
+    }
+
+    /// The sessions opened through a space, oldest first.
+    pub async fn space_sessions(&self, space_id: &str) -> Result<Vec<SpaceSessionRow>, PgError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT ss.key, {} FROM space_sessions ss JOIN sessions x ON x.sid = ss.sid
+             WHERE ss.space_id = $1 ORDER BY ss.created_at, ss.key",
+            SESSION_COLUMNS.split(", ").map(|c| format!("x.{c}")).collect::<Vec<_>>().join(", ")
+        );
+        let stmt = client.prepare_cached(&sql).await?;
+        Ok(client
+            .query(&stmt, &[&space_id])
+            .await?
+            .iter()
+            .map(|r| SpaceSessionRow { key: r.get(0), session: session_row(r, 1) })
+            .collect())
+    }
+
     pub async fn admin_epoch(&self) -> Result<Option<u64>, PgError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached("SELECT epoch FROM admin WHERE id = 1").await?;
@@ -552,19 +631,30 @@ impl PgStore {
     /// The current epochs of the named sessions and shares, and the admin epoch: what a node
     /// re-reads after its LISTEN connection was lost, before trusting its epoch cells again.
     /// Objects that no longer exist are left out.
-    pub async fn epochs(&self, sessions: &[String], shares: &[String]) -> Result<CurrentEpochs, PgError> {
+    pub async fn epochs(&self, sessions: &[String], shares: &[String], spaces: &[String]) -> Result<CurrentEpochs, PgError> {
+        type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
         let client = self.client().await?;
-        let (s, h, a) = futures::try_join!(
+        let (s, h, p, a) = futures::try_join!(
             client.prepare_cached("SELECT id, epoch FROM sessions WHERE id = ANY($1)"),
             client.prepare_cached("SELECT id, epoch FROM shares WHERE id = ANY($1)"),
+            client.prepare_cached("SELECT id, epoch FROM spaces WHERE id = ANY($1)"),
             client.prepare_cached("SELECT epoch FROM admin WHERE id = 1"),
         )?;
-        let (session_params, share_params): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], [&(dyn tokio_postgres::types::ToSql + Sync); 1]) =
-            ([&sessions], [&shares]);
-        let (s, h, a) =
-            futures::try_join!(client.query(&s, &session_params), client.query(&h, &share_params), client.query_opt(&a, &[]))?;
+        let (session_params, share_params, space_params): ([Param<'_>; 1], [Param<'_>; 1], [Param<'_>; 1]) =
+            ([&sessions], [&shares], [&spaces]);
+        let (s, h, p, a) = futures::try_join!(
+            client.query(&s, &session_params),
+            client.query(&h, &share_params),
+            client.query(&p, &space_params),
+            client.query_opt(&a, &[])
+        )?;
         let pairs = |rows: Vec<Row>| rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect();
-        Ok(CurrentEpochs { sessions: pairs(s), shares: pairs(h), admin: a.map(|r| r.get::<_, i64>(0) as u64) })
+        Ok(CurrentEpochs {
+            sessions: pairs(s),
+            shares: pairs(h),
+            spaces: pairs(p),
+            admin: a.map(|r| r.get::<_, i64>(0) as u64),
+        })
     }
 
     /// The cursors of the given sessions (by internal id), for a follower's catch-up read.
@@ -781,8 +871,8 @@ impl PgStore {
             let stmt = tx
                 .prepare_cached(
                     "INSERT INTO shares (id, sid, parent_share_id, parent_epoch, rights, label, epoch,
-                                             created_at, expires_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                                             created_at, expires_at, space_id, space_epoch)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .await?;
             tx.execute(
@@ -797,6 +887,8 @@ impl PgStore {
                     &(share.epoch as i64),
                     &(share.created_at as i64),
                     &(share.expires_at as i64),
+                    &share.space.as_ref().map(|s| s.space_id.as_str()),
+                    &share.space.as_ref().map_or(0, |s| s.epoch as i64),
                 ],
             )
             .await?;
@@ -828,6 +920,100 @@ impl PgStore {
             Ok(sid)
         })
         .await
+    }
+
+    /// Stores a new space and its token, and audits it (at the space's `created_at`), if `guard`
+    /// (the admin's epoch; may be empty) still holds.
+    pub async fn create_space(
+        &self,
+        space: &SpaceRow,
+        token: &TokenRow,
+        guard: &[GuardLink],
+        event: &AuditEvent,
+    ) -> Result<(), PgError> {
+        self.write(async |tx| {
+            check_guard(tx, guard, None).await?;
+            let stmt = tx
+                .prepare_cached("INSERT INTO spaces (id, label, epoch, created_at) VALUES ($1, $2, $3, $4)")
+                .await?;
+            tx.execute(&stmt, &[&space.id, &space.label, &(space.epoch as i64), &(space.created_at as i64)]).await?;
+            insert_token(tx, token).await?;
+            insert_audit(tx, event, space.created_at).await
+        })
+        .await
+    }
+
+    /// `Space.openSession` in one transaction: checks `guard` (the space capability's chain:
+    /// a concurrent `revoke_space` either committed first and fails this with
+    /// [`PgError::Revoked`], or waits for it), finds the session of (`open.space_id`,
+    /// `open.key`) or creates it, stores `open.owner` as a token of it at its current epoch,
+    /// and audits the call (`event` completed by [`OpenedSession::audit_event`]).
+    ///
+    /// Two transactions opening the same new key at once (on one node or several) both insert
+    /// a session; the key's row goes in with `ON CONFLICT DO NOTHING`, which waits for the other
+    /// transaction: if that one committed the key, this one deletes its own session row (no
+    /// other row refers to it yet) and takes the committed one. The primary key on
+    /// `(space_id, key)` is what makes this exact.
+    pub async fn open_space_session(
+        &self,
+        open: &OpenSession,
+        guard: &[GuardLink],
+        event: &AuditEvent,
+    ) -> Result<OpenedSession, PgError> {
+        let now = open.owner.created_at as i64;
+        self.write(async |tx| {
+            check_guard(tx, guard, None).await?;
+            let find = tx
+                .prepare_cached(
+                    "SELECT x.sid, x.id, x.epoch FROM space_sessions ss JOIN sessions x ON x.sid = ss.sid
+                     WHERE ss.space_id = $1 AND ss.key = $2",
+                )
+                .await?;
+            let found = |row: tokio_postgres::Row| OpenedSession {
+                sid: row.get(0),
+                session_id: row.get(1),
+                epoch: row.get::<_, i64>(2) as u64,
+                created: false,
+            };
+            let opened = match tx.query_opt(&find, &[&open.space_id, &open.key]).await? {
+                Some(row) => found(row),
+                None => {
+                    let stmt = tx
+                        .prepare_cached("INSERT INTO sessions (id, title, created_at) VALUES ($1, $2, $3) RETURNING sid")
+                        .await?;
+                    let sid: i64 = tx.query_one(&stmt, &[&open.new_session_id, &open.title, &now]).await?.get(0);
+                    let stmt = tx
+                        .prepare_cached(
+                            "INSERT INTO space_sessions (space_id, key, sid, created_at) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (space_id, key) DO NOTHING RETURNING sid",
+                        )
+                        .await?;
+                    if tx.query_opt(&stmt, &[&open.space_id, &open.key, &sid, &now]).await?.is_some() {
+                        OpenedSession { session_id: open.new_session_id.clone(), sid, epoch: 0, created: true }
+                    } else {
+                        // Another transaction opened this key first and has committed.
+                        let stmt = tx.prepare_cached("DELETE FROM sessions WHERE sid = $1").await?;
+                        tx.execute(&stmt, &[&sid]).await?;
+                        let row = tx.query_opt(&find, &[&open.space_id, &open.key]).await?.ok_or_else(|| {
+                            PgError::Unavailable("a concurrent openSession of the same key rolled back; retry".into())
+                        })?;
+                        found(row)
+                    }
+                }
+            };
+            let owner = TokenRow { target_id: opened.session_id.clone(), minted_epoch: opened.epoch, ..open.owner.clone() };
+            insert_token(tx, &owner).await?;
+            insert_audit(tx, &opened.audit_event(event), open.owner.created_at).await?;
+            Ok(opened)
+        })
+        .await
+    }
+
+    /// Bumps a space's epoch (cutting its token, every session token minted through it and
+    /// every share below those) and audits it.
+    pub async fn revoke_space(&self, space_id: &str, event: &AuditEvent) -> Result<Option<u64>, PgError> {
+        let sql = "UPDATE spaces SET epoch = epoch + 1 WHERE id = $1 RETURNING epoch";
+        self.bump(sql, notify::RevokedKind::Space, space_id, event).await
     }
 
     /// Bumps a share's epoch and audits it, in one transaction; returns the new epoch once

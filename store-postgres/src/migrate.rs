@@ -23,10 +23,44 @@ pub struct Migration {
 pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, description: "initial schema", sql: V1 },
     Migration { version: 2, description: "history id", sql: V2 },
+    Migration { version: 3, description: "spaces", sql: V3 },
 ];
 
 /// The version this build brings a database to.
-pub const LATEST: i32 = 2;
+pub const LATEST: i32 = 3;
+
+/// Spaces (capabilities for ingestion) and the sessions opened through them, as in the SQLite
+/// store's schema version 4.
+///
+/// A session is opened through a space under a key at most once: `(space_id, key)` is the
+/// primary key of `space_sessions`, so the database refuses a second session for a key even
+/// when two nodes open it at once. A token or share minted through a space records it
+/// (`space_id`) with the space's epoch then (`space_epoch`); it holds only while the space is
+/// still at that epoch, which every write checks in its transaction (the space row `FOR SHARE`,
+/// as for shares).
+const V3: &str = r#"
+CREATE TABLE spaces (
+    id TEXT COLLATE "C" PRIMARY KEY,           -- UUID text
+    label TEXT NOT NULL,
+    epoch BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE space_sessions (
+    space_id TEXT COLLATE "C" NOT NULL REFERENCES spaces (id),
+    key TEXT COLLATE "C" NOT NULL,             -- chosen by the space's holder
+    sid BIGINT NOT NULL UNIQUE REFERENCES sessions (sid),
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (space_id, key)
+);
+ALTER TABLE tokens
+    ADD COLUMN space_id TEXT COLLATE "C" REFERENCES spaces (id),
+    ADD COLUMN space_epoch BIGINT NOT NULL DEFAULT 0,
+    DROP CONSTRAINT tokens_target_kind_check,
+    ADD CONSTRAINT tokens_target_kind_check CHECK (target_kind IN ('admin', 'session', 'share', 'space'));
+ALTER TABLE shares
+    ADD COLUMN space_id TEXT COLLATE "C" REFERENCES spaces (id),
+    ADD COLUMN space_epoch BIGINT NOT NULL DEFAULT 0;
+"#;
 
 /// Which copy of history this database is (as the SQLite store's `history` table): made with
 /// the database; a restore from a backup must give it a new one so clients heal the server.

@@ -33,7 +33,7 @@ def test_shipped_schema_is_a_byte_copy_of_the_repository_schema() -> None:
 def test_schema_loads_with_the_pipelining_field() -> None:
     schema = capsync.load_schema()
     fields = schema.Gateway.schema.methods["redeem"].result_type.node.struct.fields
-    assert [f.name for f in fields] == ["grant", "session", "admin"]
+    assert [f.name for f in fields] == ["grant", "session", "admin", "space"]
     assert set(schema.Listener.schema.method_names_inherited) == {"onOps", "onEnd"}
 
 

@@ -1,4 +1,5 @@
-//! The server's database: sessions, shares, hashed tokens, the op log and the audit table.
+//! The server's database: sessions, shares, spaces, hashed tokens, the op log and the audit
+//! table.
 //!
 //! Reads go through [`ServerReader`] (one per reader thread); writes are methods on the
 //! writer's [`Txn`], so they only ever run on the writer thread inside its transaction.
@@ -17,7 +18,10 @@ use crate::StorageError;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
-pub use capsync_model::stored::{AuditEvent, AuditRow, SessionRow, ShareRow, SnapshotPage, StoreStats, TargetKind, TokenRow};
+pub use capsync_model::stored::{
+    AuditEvent, AuditRow, OpenSession, OpenedSession, SessionRow, ShareRow, SnapshotPage, SpaceLink, SpaceRow,
+    SpaceSessionRow, StoreStats, TargetKind, TokenRow,
+};
 
 
 /// Opens (creating if needed) the server database at `path` and brings its schema up to date.
@@ -58,7 +62,25 @@ pub struct ServerReader {
 const SESSION_COLUMNS: &str = "sid, id, title, epoch, cursor, created_at";
 const SHARE_COLUMNS: &str = "s.id, s.sid, x.id, s.parent_share_id, s.parent_epoch, s.rights, s.label, s.epoch,
      s.created_at, s.expires_at,
-     (SELECT coalesce(max(last_used_at), 0) FROM tokens t WHERE t.target_kind = 'share' AND t.target_id = s.id)";
+     (SELECT coalesce(max(last_used_at), 0) FROM tokens t WHERE t.target_kind = 'share' AND t.target_id = s.id),
+     s.space_id, s.space_epoch";
+const SPACE_COLUMNS: &str = "id, label, epoch, created_at";
+
+/// A [`SpaceLink`] from nullable `space_id` and `space_epoch` columns.
+fn space_link(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<SpaceLink>> {
+    let id: Option<String> = r.get(at)?;
+    let epoch = r.get::<_, i64>(at + 1)? as u64;
+    Ok(id.map(|space_id| SpaceLink { space_id, epoch }))
+}
+
+fn space_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SpaceRow> {
+    Ok(SpaceRow {
+        id: r.get(0)?,
+        label: r.get(1)?,
+        epoch: r.get::<_, i64>(2)? as u64,
+        created_at: r.get::<_, i64>(3)? as u64,
+    })
+}
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
     Ok(SessionRow {
@@ -84,6 +106,7 @@ fn share_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ShareRow> {
         created_at: r.get::<_, i64>(8)? as u64,
         expires_at: r.get::<_, i64>(9)? as u64,
         last_used_at: r.get::<_, i64>(10)? as u64,
+        space: space_link(r, 11)?,
     })
 }
 
@@ -108,7 +131,7 @@ impl ServerReader {
             .conn
             .prepare_cached(
                 "SELECT target_kind, target_id, minted_epoch, rights, parent, label, created_at,
-                        expires_at, last_used_at FROM tokens WHERE hash = ?1",
+                        expires_at, last_used_at, space_id, space_epoch FROM tokens WHERE hash = ?1",
             )?
             .query_row([&hash[..]], |r| {
                 Ok((
@@ -124,6 +147,7 @@ impl ServerReader {
                         created_at: r.get::<_, i64>(6)? as u64,
                         expires_at: r.get::<_, i64>(7)? as u64,
                         last_used_at: r.get::<_, i64>(8)? as u64,
+                        space: space_link(r, 9)?,
                     },
                 ))
             })
@@ -145,6 +169,50 @@ impl ServerReader {
 
     pub fn admin_epoch(&self) -> Result<Option<u64>, StorageError> {
         admin_epoch(&self.conn)
+    }
+
+    pub fn space(&self, id: &str) -> Result<Option<SpaceRow>, StorageError> {
+        space(&self.conn, id)
+    }
+
+    /// Every space with the number of sessions opened through it, oldest first.
+    pub fn list_spaces(&self) -> Result<Vec<(SpaceRow, u32)>, StorageError> {
+        let sql = format!(
+            "SELECT {SPACE_COLUMNS}, (SELECT count(*) FROM space_sessions ss WHERE ss.space_id = spaces.id)
+             FROM spaces ORDER BY created_at, id"
+        );
+        let rows = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_map([], |r| Ok((space_row(r)?, r.get::<_, i64>(4)? as u32)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// The sessions opened through a space, oldest first.
+    pub fn space_sessions(&self, space_id: &str) -> Result<Vec<SpaceSessionRow>, StorageError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT ss.key, x.sid, x.id, x.title, x.epoch, x.cursor, x.created_at
+                 FROM space_sessions ss JOIN sessions x ON x.sid = ss.sid
+                 WHERE ss.space_id = ?1 ORDER BY ss.created_at, ss.key",
+            )?
+            .query_map([space_id], |r| {
+                Ok(SpaceSessionRow {
+                    key: r.get(0)?,
+                    session: SessionRow {
+                        sid: r.get(1)?,
+                        id: r.get(2)?,
+                        title: r.get(3)?,
+                        epoch: r.get::<_, i64>(4)? as u64,
+                        cursor: r.get::<_, i64>(5)? as u64,
+                        created_at: r.get::<_, i64>(6)? as u64,
+                    },
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// The last batchSeq of `client` applied to session `sid` (0 if none).
@@ -260,6 +328,11 @@ impl ServerReader {
     }
 }
 
+fn space(conn: &Connection, id: &str) -> Result<Option<SpaceRow>, StorageError> {
+    let sql = format!("SELECT {SPACE_COLUMNS} FROM spaces WHERE id = ?1");
+    Ok(conn.prepare_cached(&sql)?.query_row([id], space_row).optional()?)
+}
+
 fn admin_epoch(conn: &Connection) -> Result<Option<u64>, StorageError> {
     Ok(conn
         .prepare_cached("SELECT epoch FROM admin WHERE id = 1")?
@@ -285,8 +358,8 @@ impl Txn<'_> {
         self.conn
             .prepare_cached(
                 "INSERT INTO shares (id, sid, parent_share_id, parent_epoch, rights, label, epoch,
-                                     created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                     created_at, expires_at, space_id, space_epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 share.id,
@@ -297,7 +370,9 @@ impl Txn<'_> {
                 share.label,
                 share.epoch as i64,
                 share.created_at as i64,
-                share.expires_at as i64
+                share.expires_at as i64,
+                share.space.as_ref().map(|s| s.space_id.as_str()),
+                share.space.as_ref().map_or(0, |s| s.epoch as i64)
             ])?;
         Ok(())
     }
@@ -306,8 +381,8 @@ impl Txn<'_> {
         self.conn
             .prepare_cached(
                 "INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent,
-                                     label, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                     label, created_at, expires_at, space_id, space_epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 &token.hash[..],
@@ -318,7 +393,9 @@ impl Txn<'_> {
                 token.parent,
                 token.label,
                 token.created_at as i64,
-                token.expires_at as i64
+                token.expires_at as i64,
+                token.space.as_ref().map(|s| s.space_id.as_str()),
+                token.space.as_ref().map_or(0, |s| s.epoch as i64)
             ])?;
         Ok(())
     }
@@ -338,6 +415,51 @@ impl Txn<'_> {
     /// Bumps a session's epoch; `None` if there is no such session.
     pub fn bump_session_epoch(&self, id: &str) -> Result<Option<u64>, StorageError> {
         self.bump("UPDATE sessions SET epoch = epoch + 1 WHERE id = ?1 RETURNING epoch", id)
+    }
+
+    /// Bumps a space's epoch; `None` if there is no such space.
+    pub fn bump_space_epoch(&self, id: &str) -> Result<Option<u64>, StorageError> {
+        self.bump("UPDATE spaces SET epoch = epoch + 1 WHERE id = ?1 RETURNING epoch", id)
+    }
+
+    pub fn space(&self, id: &str) -> Result<Option<SpaceRow>, StorageError> {
+        space(self.conn, id)
+    }
+
+    pub fn insert_space(&self, space: &SpaceRow) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached("INSERT INTO spaces (id, label, epoch, created_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![space.id, space.label, space.epoch as i64, space.created_at as i64])?;
+        Ok(())
+    }
+
+    /// The session of (`open.space_id`, `open.key`), created (with `open.new_session_id` and
+    /// `open.title`) if the key is new, and `open.owner` stored as a token of it at its current
+    /// epoch. The caller has checked the space's epoch in this transaction. Runs on the single
+    /// writer, so a key is looked up and inserted without a race; the primary key of
+    /// `space_sessions` refuses a second session for a key whatever happens.
+    pub fn open_space_session(&self, open: &OpenSession) -> Result<OpenedSession, StorageError> {
+        let existing = self
+            .conn
+            .prepare_cached(
+                "SELECT x.sid, x.id, x.epoch FROM space_sessions ss JOIN sessions x ON x.sid = ss.sid
+                 WHERE ss.space_id = ?1 AND ss.key = ?2",
+            )?
+            .query_row(params![open.space_id, open.key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)? as u64)))
+            .optional()?;
+        let now = open.owner.created_at;
+        let opened = match existing {
+            Some((sid, session_id, epoch)) => OpenedSession { session_id, sid, epoch, created: false },
+            None => {
+                let sid = self.create_session(&open.new_session_id, &open.title, now)?;
+                self.conn
+                    .prepare_cached("INSERT INTO space_sessions (space_id, key, sid, created_at) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![open.space_id, open.key, sid, now as i64])?;
+                OpenedSession { session_id: open.new_session_id.clone(), sid, epoch: 0, created: true }
+            }
+        };
+        self.insert_token(&TokenRow { target_id: opened.session_id.clone(), minted_epoch: opened.epoch, ..open.owner.clone() })?;
+        Ok(opened)
     }
 
     fn bump(&self, sql: &str, id: &str) -> Result<Option<u64>, StorageError> {

@@ -1,15 +1,15 @@
 //! The server database's schema and its upgrades.
 //!
 //! Version 1 had sessions, shares, tokens and the op log; version 2 added `tokens.last_used_at`
-//! and the audit table; version 3 the history id.
+//! and the audit table; version 3 the history id; version 4 spaces.
 
 use crate::migrate::SchemaPlan;
 
 pub const PLAN: SchemaPlan = SchemaPlan {
     name: "server",
-    current_version: 3,
-    create: &[CORE, TOKENS, AUDIT, HISTORY],
-    upgrades: &[(1, &[ADD_TOKEN_LAST_USED, AUDIT]), (2, &[HISTORY])],
+    current_version: 4,
+    create: &[CORE, TOKENS, AUDIT, HISTORY, SPACES],
+    upgrades: &[(1, &[ADD_TOKEN_LAST_USED, AUDIT]), (2, &[HISTORY]), (3, &[SPACES])],
 };
 
 /// The first released schema, kept so the migration test can start from it.
@@ -142,4 +142,32 @@ CREATE TABLE history (
     history TEXT NOT NULL
 );
 INSERT INTO history (id, history) VALUES (1, lower(hex(randomblob(16))));
+"#;
+
+/// Spaces (capabilities for ingestion) and the sessions opened through them. The same SQL makes
+/// a fresh database and upgrades a version-3 one, so both end with the same columns in the same
+/// order.
+///
+/// A session is opened through a space under a key, at most once: `(space_id, key)` is the
+/// primary key of `space_sessions`, so a second session for the same key cannot be stored. A
+/// token or share minted through a space records it (`space_id`) with the space's epoch then
+/// (`space_epoch`); it holds only while the space is still at that epoch.
+const SPACES: &str = r#"
+CREATE TABLE spaces (
+    id TEXT PRIMARY KEY,                    -- UUID text
+    label TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE space_sessions (
+    space_id TEXT NOT NULL REFERENCES spaces(id),
+    key TEXT NOT NULL,                      -- chosen by the space's holder, e.g. an agent's session id
+    sid INTEGER NOT NULL UNIQUE REFERENCES sessions(sid),
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (space_id, key)
+) WITHOUT ROWID;
+ALTER TABLE tokens ADD COLUMN space_id TEXT;
+ALTER TABLE tokens ADD COLUMN space_epoch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE shares ADD COLUMN space_id TEXT;
+ALTER TABLE shares ADD COLUMN space_epoch INTEGER NOT NULL DEFAULT 0;
 "#;

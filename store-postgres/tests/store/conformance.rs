@@ -14,8 +14,8 @@ use capsync_persistence::server::{self as lite, ServerReader};
 use capsync_persistence::writer::Txn;
 use capsync_persistence::StorageError;
 use capsync_store_postgres::{
-    AuditEvent, AuditRow, GuardLink, GuardTarget, PgError, PgStore, Resolution, SessionRow, ShareRow, SnapshotPage,
-    StoreStats, TargetKind, TokenRow,
+    AuditEvent, AuditRow, GuardLink, GuardTarget, OpenSession, OpenedSession, PgError, PgStore, Resolution,
+    SessionRow, ShareRow, SnapshotPage, SpaceLink, SpaceRow, SpaceSessionRow, StoreStats, TargetKind, TokenRow,
 };
 use std::sync::Mutex;
 
@@ -75,6 +75,7 @@ fn lite_kind(kind: TargetKind) -> lite::TargetKind {
         TargetKind::Admin => lite::TargetKind::Admin,
         TargetKind::Session => lite::TargetKind::Session,
         TargetKind::Share => lite::TargetKind::Share,
+        TargetKind::Space => lite::TargetKind::Space,
     }
 }
 
@@ -83,6 +84,7 @@ fn pg_kind(kind: lite::TargetKind) -> TargetKind {
         lite::TargetKind::Admin => TargetKind::Admin,
         lite::TargetKind::Session => TargetKind::Session,
         lite::TargetKind::Share => TargetKind::Share,
+        lite::TargetKind::Space => TargetKind::Space,
     }
 }
 
@@ -98,6 +100,7 @@ fn to_lite_token(t: &TokenRow) -> lite::TokenRow {
         created_at: t.created_at,
         expires_at: t.expires_at,
         last_used_at: t.last_used_at,
+        space: t.space.clone(),
     }
 }
 
@@ -113,6 +116,7 @@ fn from_lite_token(t: lite::TokenRow) -> TokenRow {
         created_at: t.created_at,
         expires_at: t.expires_at,
         last_used_at: t.last_used_at,
+        space: t.space,
     }
 }
 
@@ -129,6 +133,7 @@ fn to_lite_share(s: &ShareRow) -> lite::ShareRow {
         created_at: s.created_at,
         expires_at: s.expires_at,
         last_used_at: s.last_used_at,
+        space: s.space.clone(),
     }
 }
 
@@ -145,6 +150,7 @@ fn from_lite_share(s: lite::ShareRow) -> ShareRow {
         created_at: s.created_at,
         expires_at: s.expires_at,
         last_used_at: s.last_used_at,
+        space: s.space,
     }
 }
 
@@ -198,6 +204,7 @@ impl Lite {
                 GuardTarget::Session(id) => txn.session(id)?.map(|s| s.epoch),
                 GuardTarget::Share(id) => self.reader.share(id)?.map(|s| s.epoch),
                 GuardTarget::Admin => txn.admin_epoch()?,
+                GuardTarget::Space(id) => txn.space(id)?.map(|s| s.epoch),
             };
             if current != Some(link.expected) {
                 return Err(E::Revoked);
@@ -300,6 +307,71 @@ impl Store {
         }
     }
 
+    pub async fn create_space(
+        &self,
+        space: &SpaceRow,
+        token: &TokenRow,
+        guard: &[GuardLink],
+        event: &AuditEvent,
+    ) -> Result<(), E> {
+        match self {
+            // What SqliteStore::create_space does.
+            Store::Lite(l) => l.write(|txn| {
+                l.admit(txn, guard)?;
+                txn.insert_space(space)?;
+                txn.insert_token(token)?;
+                txn.audit(event, space.created_at)?;
+                Ok(())
+            }),
+            Store::Pg(p) => Ok(p.create_space(space, token, guard, event).await?),
+        }
+    }
+
+    pub async fn open_space_session(
+        &self,
+        open: &OpenSession,
+        guard: &[GuardLink],
+        event: &AuditEvent,
+    ) -> Result<OpenedSession, E> {
+        match self {
+            // What SqliteStore::open_space_session does.
+            Store::Lite(l) => l.write(|txn| {
+                l.admit(txn, guard)?;
+                let opened = txn.open_space_session(open)?;
+                txn.audit(&opened.audit_event(event), open.owner.created_at)?;
+                Ok(opened)
+            }),
+            Store::Pg(p) => Ok(p.open_space_session(open, guard, event).await?),
+        }
+    }
+
+    pub async fn revoke_space(&self, id: &str, event: &AuditEvent) -> Result<Option<u64>, E> {
+        match self {
+            Store::Lite(l) => l.write(|txn| {
+                let epoch = txn.bump_space_epoch(id)?;
+                if epoch.is_some() {
+                    txn.audit(event, 1)?;
+                }
+                Ok(epoch)
+            }),
+            Store::Pg(p) => Ok(p.revoke_space(id, event).await?),
+        }
+    }
+
+    pub async fn list_spaces(&self) -> Result<Vec<(SpaceRow, u32)>, E> {
+        match self {
+            Store::Lite(l) => Ok(l.reader.list_spaces()?),
+            Store::Pg(p) => Ok(p.list_spaces().await?),
+        }
+    }
+
+    pub async fn space_sessions(&self, space_id: &str) -> Result<Vec<SpaceSessionRow>, E> {
+        match self {
+            Store::Lite(l) => Ok(l.reader.space_sessions(space_id)?),
+            Store::Pg(p) => Ok(p.space_sessions(space_id).await?),
+        }
+    }
+
     pub async fn renew_admin(&self, token: &TokenRow) -> Result<u64, E> {
         match self {
             Store::Lite(l) => l.write(|txn| {
@@ -350,9 +422,19 @@ impl Store {
                         }
                     }
                     lite::TargetKind::Session => session = r.session(&token.target_id)?.map(from_lite_session),
-                    lite::TargetKind::Admin => {}
+                    lite::TargetKind::Admin | lite::TargetKind::Space => {}
                 }
-                Ok(Some(Resolution { token: from_lite_token(token), shares, session, admin_epoch: r.admin_epoch()? }))
+                let space = match token.space_to_resolve() {
+                    Some(id) => r.space(id)?,
+                    None => None,
+                };
+                Ok(Some(Resolution {
+                    token: from_lite_token(token),
+                    shares,
+                    session,
+                    admin_epoch: r.admin_epoch()?,
+                    space,
+                }))
             }
             Store::Pg(p) => Ok(p.resolve_token(hash).await?),
         }
@@ -467,6 +549,7 @@ pub fn token(kind: TargetKind, target: &str, epoch: u64, hash: u8, rights: Right
         created_at,
         expires_at: 0,
         last_used_at: 0,
+        space: None,
     }
 }
 
@@ -502,6 +585,7 @@ fn share(
         created_at,
         expires_at: 0,
         last_used_at: 0,
+        space: None,
     }
 }
 
@@ -521,6 +605,7 @@ fn n_resolution(r: &Option<Resolution>) -> Option<Resolution> {
         shares: r.shares.iter().map(n_share).collect(),
         session: r.session.as_ref().map(n_session),
         admin_epoch: r.admin_epoch,
+        space: r.space.clone(),
     })
 }
 
@@ -752,6 +837,170 @@ async fn sqlite_and_postgres_answer_the_same() {
     if let Some(dir) = std::env::var_os("CAPSYNC_TRANSCRIPTS") {
         std::fs::write(std::path::Path::new(&dir).join("sqlite.txt"), lite.join("\n")).unwrap();
         std::fs::write(std::path::Path::new(&dir).join("postgres.txt"), pg.join("\n")).unwrap();
+    }
+    for (i, (a, b)) in lite.iter().zip(&pg).enumerate() {
+        assert_eq!(a, b, "step {i} differs (left: SQLite, right: PostgreSQL)");
+    }
+    assert_eq!(lite.len(), pg.len());
+}
+
+// ---- Spaces ---------------------------------------------------------------------------------
+
+const SP1: &str = "0190c000-0000-7000-8000-0000000000a1";
+const SP2: &str = "0190c000-0000-7000-8000-0000000000a2";
+const N1: &str = "0190c000-0000-7000-8000-0000000000b1";
+const N2: &str = "0190c000-0000-7000-8000-0000000000b2";
+const N3: &str = "0190c000-0000-7000-8000-0000000000b3";
+const N4: &str = "0190c000-0000-7000-8000-0000000000b4";
+
+fn space(id: &str, created_at: u64) -> SpaceRow {
+    SpaceRow { id: id.into(), label: format!("space {id}"), epoch: 0, created_at }
+}
+
+/// An `openSession` of `key` in `space_id` at `now`, with owner token `hash`; `new_id` is the
+/// id a new session would get.
+fn open(space_id: &str, key: &str, new_id: &str, hash: u8, now: u64) -> OpenSession {
+    OpenSession {
+        space_id: space_id.into(),
+        key: key.into(),
+        title: format!("title of {key}"),
+        new_session_id: new_id.into(),
+        owner: TokenRow {
+            parent: format!("space:{space_id}"),
+            space: Some(SpaceLink { space_id: space_id.into(), epoch: 0 }),
+            ..token(TargetKind::Session, "", 0, hash, Rights::ALL, now)
+        },
+    }
+}
+
+/// Whether a resolved token's stored epochs still match what it was minted at, as the server's
+/// `Access::from_resolution` judges it (target, parents up to the session, and its space).
+fn holds(res: &Resolution) -> bool {
+    let t = &res.token;
+    let target = match t.target_kind {
+        TargetKind::Session => res.session.as_ref().is_some_and(|s| s.epoch == t.minted_epoch),
+        TargetKind::Space => res.space.as_ref().is_some_and(|s| s.epoch == t.minted_epoch),
+        TargetKind::Admin => res.admin_epoch == Some(t.minted_epoch),
+        TargetKind::Share => {
+            let mut expected = t.minted_epoch;
+            let mut ok = true;
+            for share in &res.shares {
+                ok &= share.epoch == expected;
+                expected = share.parent_epoch;
+            }
+            ok && res.session.as_ref().is_some_and(|s| s.epoch == expected)
+        }
+    };
+    let space = match (&t.space, t.target_kind) {
+        (Some(link), TargetKind::Session | TargetKind::Share) => {
+            res.space.as_ref().is_some_and(|s| s.id == link.space_id && s.epoch == link.epoch)
+        }
+        _ => true,
+    };
+    target && space
+}
+
+fn n_space_sessions(rows: &[SpaceSessionRow]) -> Vec<(String, SessionRow)> {
+    rows.iter().map(|r| (r.key.clone(), n_session(&r.session))).collect()
+}
+
+/// Spaces on either store: `openSession` is idempotent by key (per space), `revokeSpace` cuts
+/// the space's token, the session tokens minted through it and the shares below those, while
+/// an admin-minted share of the same session keeps working, and writes guarded by a revoked
+/// space change nothing.
+#[allow(unused_must_use)]
+pub async fn spaces_scenario(store: &Store) -> Vec<String> {
+    let mut t: Vec<String> = Vec::new();
+    macro_rules! log {
+        ($label:expr, $value:expr) => {{
+            let value = $value;
+            t.push(format!("{}: {:?}", $label, value));
+            value
+        }};
+    }
+    let admin = vec![GuardLink::admin(0)];
+    log!("renew admin", store.renew_admin(&token(TargetKind::Admin, "admin", 0, 0xA0, Rights::default(), 10)).await);
+    let space_token = |id: &str, hash: u8| TokenRow { label: format!("space {id}"), ..token(TargetKind::Space, id, 0, hash, Rights::default(), 20) };
+    log!("create SP1", store.create_space(&space(SP1, 20), &space_token(SP1, 0xB1), &admin, &event("create-space", SP1)).await);
+    log!("create SP2", store.create_space(&space(SP2, 21), &space_token(SP2, 0xB2), &admin, &event("create-space", SP2)).await);
+    log!("resolve SP1's token", store.resolve_token(&[0xB1; 32]).await.map(|r| n_resolution(&r)));
+
+    // Idempotent by key: the second open of k1 gets the first one's session (and ignores the
+    // new id and title); k2 is another session; k1 in another space is another session too.
+    let g_sp1 = vec![GuardLink::space(SP1, 0)];
+    let first = log!("open k1", store.open_space_session(&open(SP1, "k1", N1, 0xC1, 100), &g_sp1, &event("open-session", SP1)).await);
+    let again = log!("open k1 again", store.open_space_session(&open(SP1, "k1", N2, 0xC2, 101), &g_sp1, &event("open-session", SP1)).await);
+    let (first, again) = (first.unwrap(), again.unwrap());
+    assert!(first.created && !again.created);
+    assert_eq!((first.session_id.as_str(), again.session_id.as_str(), first.sid), (N1, N1, again.sid), "same key, same session");
+    log!("open k2", store.open_space_session(&open(SP1, "k2", N2, 0xC3, 102), &g_sp1, &event("open-session", SP1)).await.map(|o| (o.session_id, o.created)));
+    let other = store.open_space_session(&open(SP2, "k1", N3, 0xC4, 103), &[GuardLink::space(SP2, 0)], &event("open-session", SP2)).await.unwrap();
+    log!("open k1 in SP2", (&other.session_id, other.created));
+    assert_eq!(other.session_id, N3, "keys are per space");
+    log!("open through SP1 at a wrong epoch", store.open_space_session(&open(SP1, "k9", N4, 0xC5, 104), &[GuardLink::space(SP1, 7)], &event("open-session", SP1)).await);
+    log!("sessions of SP1", store.space_sessions(SP1).await.map(|v| n_space_sessions(&v)));
+    log!("sessions of SP2", store.space_sessions(SP2).await.map(|v| n_space_sessions(&v)));
+    log!("spaces", store.list_spaces().await);
+    let owner1 = log!("resolve the first owner token", store.resolve_token(&[0xC1; 32]).await.map(|r| n_resolution(&r)));
+    let owner2 = log!("resolve the second owner token", store.resolve_token(&[0xC2; 32]).await.map(|r| n_resolution(&r)));
+    assert_eq!(owner1.as_ref().unwrap().as_ref().unwrap().token.target_id, N1, "the store set the token's target");
+    assert!(holds(owner1.unwrap().as_ref().unwrap()) && holds(owner2.unwrap().as_ref().unwrap()));
+
+    // Writes through the space-derived owner, a share minted below it, and an admin-minted share.
+    let sid = first.sid;
+    let g_owner = vec![GuardLink::session(N1, 0), GuardLink::space(SP1, 0)];
+    log!("append via the space's owner", store.append(sid, N1, &batch(1, 1, vec![put(400, EntityKind::Message, "m1", "", "{}")]), &g_owner).await);
+    let below = ShareRow { space: Some(SpaceLink { space_id: SP1.into(), epoch: 0 }), ..share("sp-share", sid, N1, None, 0, R, 200) };
+    let below_token = TokenRow { space: below.space.clone(), ..token(TargetKind::Share, "sp-share", 0, 0xD1, R, 200) };
+    log!("mint below the space's owner", store.mint_share(&below, &below_token, &g_owner, &event("mint", "sp-share")).await);
+    let by_admin = share("admin-share", sid, N1, None, 0, RA, 201);
+    let by_admin_token = TokenRow { parent: "admin".into(), ..token(TargetKind::Share, "admin-share", 0, 0xD2, RA, 201) };
+    log!("admin mints a share", store.mint_share(&by_admin, &by_admin_token, &[GuardLink::admin(0), GuardLink::session(N1, 0)], &event("mint", "admin-share")).await);
+    log!("resolve the share below", store.resolve_token(&[0xD1; 32]).await.map(|r| n_resolution(&r)));
+    log!("shares of N1", store.list_shares(Some(N1)).await.map(|v| v.iter().map(n_share).collect::<Vec<_>>()));
+
+    // Revoking SP1.
+    log!("revoke SP1", store.revoke_space(SP1, &event("revoke", SP1)).await);
+    log!("revoke an unknown space", store.revoke_space("nope", &event("revoke", "nope")).await);
+    for (what, hash, valid) in [
+        ("SP1's token", 0xB1, false),
+        ("the first owner token", 0xC1, false),
+        ("the second owner token", 0xC2, false),
+        ("the share below the owner", 0xD1, false),
+        ("the admin-minted share", 0xD2, true),
+        ("SP2's token", 0xB2, true),
+        ("the owner token from SP2", 0xC4, true),
+    ] {
+        let res = log!(format!("resolve {what} after revoking SP1"), store.resolve_token(&[hash; 32]).await.map(|r| n_resolution(&r)));
+        assert_eq!(holds(res.unwrap().as_ref().unwrap()), valid, "{what}");
+    }
+    let cursor = store.session(N1).await.unwrap().unwrap().cursor;
+    log!("open through the revoked space", store.open_space_session(&open(SP1, "k3", N4, 0xC6, 300), &g_sp1, &event("open-session", SP1)).await);
+    log!("reopen k1 through the revoked space", store.open_space_session(&open(SP1, "k1", N4, 0xC7, 301), &g_sp1, &event("open-session", SP1)).await);
+    log!("resolve a token the revoked open never stored", store.resolve_token(&[0xC7; 32]).await);
+    log!("append via the space's owner after revoke", store.append(sid, N1, &batch(1, 2, vec![put(401, EntityKind::Message, "m2", "", "{}")]), &g_owner).await);
+    let g_below = vec![GuardLink::share("sp-share", 0), GuardLink::session(N1, 0), GuardLink::space(SP1, 0)];
+    log!("mint below the revoked owner", store.mint_share(&share("late", sid, N1, Some("sp-share"), 0, R, 302), &token(TargetKind::Share, "late", 0, 0xD3, R, 302), &g_below, &event("mint", "late")).await);
+    assert_eq!(store.session(N1).await.unwrap().unwrap().cursor, cursor, "a write through the revoked space applied");
+    let g_admin_share = vec![GuardLink::share("admin-share", 0), GuardLink::session(N1, 0)];
+    log!("append via the admin-minted share", store.append(sid, N1, &batch(2, 1, vec![put(402, EntityKind::Message, "m3", "", "{}")]), &g_admin_share).await);
+    log!("sessions of SP1 after revoke", store.space_sessions(SP1).await.map(|v| n_space_sessions(&v)));
+    log!("spaces after revoke", store.list_spaces().await);
+    log!("session N1 stays", store.session(N1).await.map(|s| s.as_ref().map(n_session)));
+    for row in store.audit_page(0, 1000).await.unwrap() {
+        t.push(format!("audit: {:?}", row.event));
+    }
+    t
+}
+
+#[tokio::test]
+async fn sqlite_and_postgres_answer_the_same_about_spaces() {
+    let lite = spaces_scenario(&Store::Lite(Box::new(Lite::open()))).await;
+    let pg = PgStore::connect(&support::fresh_db().await).await.unwrap();
+    let pg = spaces_scenario(&Store::Pg(pg)).await;
+    if let Some(dir) = std::env::var_os("CAPSYNC_TRANSCRIPTS") {
+        std::fs::write(std::path::Path::new(&dir).join("spaces-sqlite.txt"), lite.join("\n")).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join("spaces-postgres.txt"), pg.join("\n")).unwrap();
     }
     for (i, (a, b)) in lite.iter().zip(&pg).enumerate() {
         assert_eq!(a, b, "step {i} differs (left: SQLite, right: PostgreSQL)");

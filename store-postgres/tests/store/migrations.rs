@@ -148,3 +148,53 @@ async fn migrating_in_steps_reaches_the_same_schema() {
     }
     assert_eq!(describe(&client).await, describe(&fresh_client).await);
 }
+
+/// A database at version 2 (before spaces) with a session, its owner token and a share is
+/// upgraded in place: everything is kept, descends from no space, and resolves as before; the
+/// new constraints hold (a second session for one key of a space is refused, space tokens are
+/// allowed).
+#[tokio::test]
+async fn upgrading_from_v2_keeps_data_and_adds_spaces() {
+    let url = support::fresh_db().await;
+    let mut client = support::connect(&url).await;
+    assert_eq!(migrate::run_to(&mut client, 2).await.unwrap(), vec![1, 2]);
+    client
+        .batch_execute(
+            "INSERT INTO sessions (id, title, created_at) VALUES ('s1', 'kept', 1);
+             INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent, label, created_at, expires_at)
+                 VALUES (decode(repeat('01', 32), 'hex'), 'session', 's1', 0, 7, 'admin', 'owner', 1, 0);
+             INSERT INTO shares (id, sid, parent_epoch, rights, label, created_at, expires_at)
+                 SELECT 'sh1', sid, 0, 1, 'kept share', 2, 0 FROM sessions;",
+        )
+        .await
+        .unwrap();
+    let err = client
+        .batch_execute("INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent, label, created_at, expires_at)
+                        VALUES (decode(repeat('02', 32), 'hex'), 'space', 'x', 0, 0, 'admin', '', 1, 0)")
+        .await;
+    assert!(err.is_err(), "version 2 knows no space tokens");
+
+    let store = PgStore::connect(&url).await.unwrap();
+    assert_eq!(migrate::current_version(&client).await.unwrap(), LATEST);
+    let res = store.resolve_token(&[1; 32]).await.unwrap().expect("the owner token survived");
+    assert_eq!((res.token.target_id.as_str(), res.token.space.as_ref(), res.space.as_ref()), ("s1", None, None));
+    assert_eq!(res.session.unwrap().title, "kept");
+    let share = store.share("sh1").await.unwrap().unwrap();
+    assert_eq!((share.label.as_str(), share.space), ("kept share", None));
+
+    client
+        .batch_execute(
+            "INSERT INTO spaces (id, label, created_at) VALUES ('sp', '', 3);
+             INSERT INTO tokens (hash, target_kind, target_id, minted_epoch, rights, parent, label, created_at, expires_at)
+                 VALUES (decode(repeat('02', 32), 'hex'), 'space', 'sp', 0, 0, 'admin', '', 3, 0);
+             INSERT INTO sessions (id, title, created_at) VALUES ('s2', '', 3);
+             INSERT INTO space_sessions (space_id, key, sid, created_at) SELECT 'sp', 'k', sid, 3 FROM sessions WHERE id = 's1';",
+        )
+        .await
+        .unwrap();
+    let second = client
+        .batch_execute("INSERT INTO space_sessions (space_id, key, sid, created_at) SELECT 'sp', 'k', sid, 3 FROM sessions WHERE id = 's2'")
+        .await;
+    assert!(second.is_err(), "the database refuses a second session for one key");
+    assert_eq!(store.list_spaces().await.unwrap().len(), 1);
+}

@@ -1,11 +1,11 @@
 //! What only the PostgreSQL store has to show: concurrent writers on one session (several
-//! tasks, two pools standing for two server nodes), revocation racing appends, `ensure_admin`,
-//! and the error mapping.
+//! tasks, two pools standing for two server nodes), revocation racing appends, concurrent
+//! `openSession`s of one key, `ensure_admin`, and the error mapping.
 
 use crate::conformance::{batch, event, put, token};
 use crate::support;
 use capsync_model::{EntityKind, OpStatus, Rights};
-use capsync_store_postgres::{GuardLink, PgError, PgOptions, PgStore, ShareRow, TargetKind};
+use capsync_store_postgres::{GuardLink, OpenSession, PgError, PgOptions, PgStore, ShareRow, SpaceLink, SpaceRow, TargetKind, TokenRow};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +138,7 @@ async fn store_with_share() -> (PgStore, i64, String, Vec<GuardLink>) {
         created_at: 5,
         expires_at: 0,
         last_used_at: 0,
+        space: None,
     };
     let guard = vec![GuardLink::session(S, 0)];
     store
@@ -227,6 +228,7 @@ async fn mint_is_guarded() {
         created_at: 6,
         expires_at: 0,
         last_used_at: 0,
+        space: None,
     };
     let t = token(TargetKind::Share, "sh2", 0, 0x12, Rights::default(), 6);
     assert_eq!(store.mint_share(&child, &t, &guard, &event("mint", "sh2")).await, Err(PgError::Revoked));
@@ -332,4 +334,80 @@ async fn unreachable_is_unavailable() {
     }
     store.changes(sid, 0, 10).await.unwrap();
     store.probe().await.unwrap();
+}
+
+/// Many tasks on two pools (two "nodes") open the same new key of a space at once: they all get
+/// one session, exactly one of them created it, each stored its own owner token of it, and no
+/// orphan session is left behind. Meanwhile a revocation of the space lands: opens that commit
+/// after it fail with `Revoked` and store nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_opens_of_one_key_get_one_session() {
+    const SP: &str = "0190b000-0000-7000-8000-0000000000ff";
+    let url = support::fresh_db().await;
+    let node_a = PgStore::connect(&url).await.unwrap();
+    let node_b = PgStore::connect_with(&url, PgOptions { max_connections: 4, ..PgOptions::default() }).await.unwrap();
+    let space = SpaceRow { id: SP.into(), label: "l".into(), epoch: 0, created_at: 1 };
+    node_a.create_space(&space, &token(TargetKind::Space, SP, 0, 0xB0, Rights::default(), 1), &[], &event("create-space", SP)).await.unwrap();
+    let open = |n: u8| OpenSession {
+        space_id: SP.into(),
+        key: "the-key".into(),
+        title: format!("try {n}"),
+        new_session_id: format!("0190b000-0000-7000-8000-0000000001{n:02x}"),
+        owner: TokenRow {
+            space: Some(SpaceLink { space_id: SP.into(), epoch: 0 }),
+            ..token(TargetKind::Session, "", 0, n, Rights::ALL, 2)
+        },
+    };
+    const TASKS: u8 = 16;
+    let mut tasks = Vec::new();
+    for n in 1..=TASKS {
+        let store = if n % 2 == 0 { node_a.clone() } else { node_b.clone() };
+        let open = open(n);
+        tasks.push(tokio::spawn(async move {
+            store.open_space_session(&open, &[GuardLink::space(SP, 0)], &event("open-session", SP)).await.unwrap()
+        }));
+    }
+    let mut opened = Vec::new();
+    for task in tasks {
+        opened.push(task.await.unwrap());
+    }
+    let first = &opened[0].session_id;
+    assert!(opened.iter().all(|o| &o.session_id == first), "one session for one key: {opened:?}");
+    assert_eq!(opened.iter().filter(|o| o.created).count(), 1, "exactly one open created it");
+    assert_eq!(node_a.list_sessions().await.unwrap().len(), 1, "no orphan session");
+    assert_eq!(node_a.space_sessions(SP).await.unwrap().len(), 1);
+    for n in 1..=TASKS {
+        let res = node_a.resolve_token(&[n; 32]).await.unwrap().expect("every open stored its owner token");
+        assert_eq!(&res.token.target_id, first);
+    }
+
+    // Opens of new keys racing a revocation of the space: none commits after it.
+    let mut tasks = Vec::new();
+    for n in 0..12u8 {
+        let store = if n % 2 == 0 { node_a.clone() } else { node_b.clone() };
+        let mut open = open(0x40 + n);
+        open.key = format!("key-{n}");
+        tasks.push(tokio::spawn(async move {
+            store.open_space_session(&open, &[GuardLink::space(SP, 0)], &event("open-session", SP)).await
+        }));
+        if n == 5 {
+            assert_eq!(node_b.revoke_space(SP, &event("revoke", SP)).await, Ok(Some(1)));
+        }
+    }
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => {}
+            Err(PgError::Revoked) => refused += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    let sessions = node_a.space_sessions(SP).await.unwrap().len();
+    assert_eq!(sessions + refused, 1 + 12, "every open either committed before the revocation or stored nothing");
+    assert!(refused >= 6, "the opens started after the revocation were refused ({refused})");
+    assert_eq!(node_a.list_sessions().await.unwrap().len(), sessions);
+    assert_eq!(
+        node_a.open_space_session(&open(0x7f), &[GuardLink::space(SP, 0)], &event("open-session", SP)).await,
+        Err(PgError::Revoked)
+    );
 }
