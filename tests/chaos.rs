@@ -5,9 +5,9 @@
 //! proxy acting as a balancer, where the driver kills and restarts random nodes and restarts
 //! PostgreSQL itself (`pg_ctl restart -m immediate`) once per run.
 //!
-//! `CAPSYNC_CHAOS_SEED` reproduces a run (the seed is printed); `CAPSYNC_CHAOS_SCALE` (default
-//! 1) multiplies the ops; `CAPSYNC_CHAOS_SEEDS` (default 5) is how many seeds the three-node
-//! test runs. The runs take turns: the three-node one restarts the binary's one cluster.
+//! `CAPSYNC_CHAOS_SEED` reproduces a run (the seed is printed); `CAPSYNC_CHAOS_SCALE`
+//! (default 1) multiplies the ops; `CAPSYNC_CHAOS_SEEDS` (default 5) is how many seeds the
+//! three-node test runs. The runs take turns: the three-node one restarts the binary's one cluster.
 
 mod common;
 

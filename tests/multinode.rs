@@ -15,7 +15,6 @@ use common::checker;
 use common::proxy::Proxy;
 use common::*;
 use std::cell::RefCell;
-use std::io::BufRead as _;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -56,27 +55,7 @@ fn a_share_minted_on_one_node_is_followed_on_another_while_writers_push_through_
     let reader_a = run_cli(&dir.path().join("x.db"), &["share", &owner_a, "--rights", "read", "--label", "follower"]);
     let reader_b = at(&b.addr, &reader_a);
 
-    let mut tail = Command::new(BIN)
-        .args(["tail", &reader_b, "--json"])
-        .env("CAPSYNC_OUTBOX", dir.path().join("tail.db"))
-        .env("RUST_LOG", "capsync_client=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut logs = std::io::BufReader::new(tail.stderr.take().unwrap()).lines();
-    assert!(logs.any(|l| l.unwrap().contains("following")), "tail never subscribed");
-    std::thread::spawn(move || logs.for_each(drop));
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    let stdout = tail.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if lines_tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut tail, lines) = follower(&reader_b, &dir.path().join("tail.db"));
 
     const EACH: usize = 1500;
     let writers: Vec<_> = [(&owner_a, "a"), (&owner_b, "b")]
@@ -181,7 +160,7 @@ fn a_revocation_through_one_node_ends_live_capabilities_and_subscriptions_on_ano
     println!("a revocation through node B reached a live capability on node A in {waited:?}");
     assert_eq!(reason.as_deref(), Some("revoked"));
     assert_eq!(applied_after, 1, "nothing was applied after the revocation's commit");
-    assert_no_tokens(&a.log_text(), &[owner.clone()], "node A's log");
+    assert_no_tokens(&a.log_text(), std::slice::from_ref(&owner), "node A's log");
     assert_no_tokens(&b.log_text(), &[owner], "node B's log");
 }
 

@@ -36,22 +36,9 @@ fn the_quick_start_works_on_postgres() {
     assert_eq!(pulled["cursor"], 501, "501 ops applied once each, seqs without a gap");
 
     // A follower sees what is written after it started.
-    let mut tail = Command::new(BIN)
-        .args(["tail", &reader, "--json"])
-        .env("CAPSYNC_OUTBOX", dir.path().join("tail.db"))
-        .env("RUST_LOG", "capsync_client=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead as _;
-    let mut logs = std::io::BufReader::new(tail.stderr.take().unwrap()).lines();
-    assert!(logs.any(|l| l.unwrap().contains("following")), "tail never subscribed");
-    std::thread::spawn(move || logs.for_each(drop));
+    let (mut tail, lines) = follower(&reader, &dir.path().join("tail.db"));
     run(&["put", &owner, "--kind", "message", "--id", "live", "--data", "{}"]);
-    let mut lines = std::io::BufReader::new(tail.stdout.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
+    let line = lines.recv_timeout(std::time::Duration::from_secs(60)).expect("the follower prints the new op");
     let op: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!((op["seq"].as_u64(), op["id"].as_str()), (Some(502), Some("live")));
     tail.kill().unwrap();

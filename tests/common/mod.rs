@@ -529,3 +529,30 @@ pub fn metrics_addr(server: &Server) -> String {
     let line = log.lines().find(|l| l.contains("serving /metrics")).expect("the server logs its metrics address");
     line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
 }
+
+/// A `capsync tail URI --json` child with its own outbox, once it follows (its log said so),
+/// and its output lines as they come (read on a thread of their own).
+pub fn follower(uri: &str, outbox: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut tail = Command::new(BIN)
+        .args(["tail", uri, "--json"])
+        .env("CAPSYNC_OUTBOX", outbox)
+        .env("RUST_LOG", "capsync_client=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(tail.stderr.take().unwrap()).lines();
+    assert!(logs.any(|l| l.unwrap().contains("following")), "tail never subscribed");
+    std::thread::spawn(move || logs.for_each(drop));
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    (tail, lines)
+}
