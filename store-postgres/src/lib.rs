@@ -411,10 +411,17 @@ impl PgStore {
             .build()
             .map_err(|e| PgError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
         let store = PgStore { pool, config, tls, hook: options.hook };
-        let mut client = store.pool.get().await.map_err(|e| match PgError::from(e) {
-            PgError::Unavailable(why) => PgError::Unavailable(format!("cannot reach PostgreSQL at {target}: {why}")),
-            PgError::Other(why) => PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}")),
-            other => other,
+        let mut client = store.pool.get().await.map_err(|e| {
+            // A certificate `sslmode` refuses is a setting to fix, not a database that is down.
+            let refused = matches!(&e, deadpool_postgres::PoolError::Backend(err) if tls::certificate_refused(err));
+            match PgError::from(e) {
+                PgError::Unavailable(why) if refused => {
+                    PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}"))
+                }
+                PgError::Unavailable(why) => PgError::Unavailable(format!("cannot reach PostgreSQL at {target}: {why}")),
+                PgError::Other(why) => PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}")),
+                other => other,
+            }
         })?;
         if options.migrate {
             migrate::run(&mut client).await?;

@@ -214,7 +214,8 @@ fn split(url: &str) -> Result<Split, String> {
                         Some((key, value)) => {
                             let key = percent_decode(key).map_err(|_| "a parameter name is not UTF-8".to_owned())?;
                             if TAKEN.contains(&key.as_str()) {
-                                let value = percent_decode(value).map_err(|_| format!("the value of {key} is not UTF-8"))?;
+                                let value =
+                                    percent_decode(value).map_err(|_| format!("the value of {key} is not UTF-8"))?;
                                 take(&key, value)
                             } else {
                                 false
@@ -387,7 +388,13 @@ impl ServerCertVerifier for Verifier {
             return Ok(ServerCertVerified::assertion());
         };
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.algorithms.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
         if self.check_name {
             if let Err(err) = rustls::client::verify_server_name(&cert, server_name) {
                 // libpq falls back to the common name when there is no DNS or IP name.
@@ -451,8 +458,9 @@ impl PgConnector {
                 done => done,
             },
             SslMode::Prefer => match self.attempt(config, Wire::Prefer).await {
-                (Err(err), attempt) if attempt.started.load(Ordering::Relaxed)
-                    && (attempt.failed.load(Ordering::Relaxed) || err.as_db_error().is_some()) =>
+                (Err(err), attempt)
+                    if attempt.started.load(Ordering::Relaxed)
+                        && (attempt.failed.load(Ordering::Relaxed) || err.as_db_error().is_some()) =>
                 {
                     tracing::warn!(error = %crate::PgError::from(err), "sslmode=prefer: PostgreSQL over TLS failed; connecting without TLS");
                     self.attempt(config, Wire::Disable).await.0
@@ -582,7 +590,35 @@ fn explain(err: io::Error, host: &str, context: &str) -> io::Error {
         }
         _ => "PostgreSQL's certificate was refused".to_owned(),
     };
-    io::Error::new(err.kind(), format!("{what} ({context}): {cert}"))
+    io::Error::new(err.kind(), CertificateRefused(format!("{what} ({context}): {cert}")))
+}
+
+/// PostgreSQL's certificate failed the checks `sslmode` asks for.
+#[derive(Debug)]
+struct CertificateRefused(String);
+
+impl std::fmt::Display for CertificateRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CertificateRefused {}
+
+/// Whether `err` is a connection refused because of PostgreSQL's certificate (a
+/// configuration to fix, not a database that is down).
+pub fn certificate_refused(err: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(err) = source {
+        if err.is::<CertificateRefused>() {
+            return true;
+        }
+        source = match err.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// A TLS connection to PostgreSQL.
@@ -625,7 +661,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Rustl
     /// its signature algorithm (SHA-256 for MD5 and SHA-1), as PostgreSQL computes it.
     fn channel_binding(&self) -> ChannelBinding {
         let (_, session) = self.0.get_ref();
-        let end_point = session.peer_certificates().and_then(|certs| certs.first()).and_then(|cert| der::end_point_hash(cert));
+        let end_point =
+            session.peer_certificates().and_then(|certs| certs.first()).and_then(|cert| der::end_point_hash(cert));
         match end_point {
             Some(hash) => ChannelBinding::tls_server_end_point(hash),
             None => ChannelBinding::none(),
@@ -825,7 +862,10 @@ mod tests {
             resolve_ok(Some("require"), Some("/ca.pem")),
             TlsParams { mode: SslMode::Require, roots: Some(Roots::File("/ca.pem".into())) }
         );
-        assert_eq!(resolve_ok(None, Some("system")), TlsParams { mode: SslMode::VerifyFull, roots: Some(Roots::System) });
+        assert_eq!(
+            resolve_ok(None, Some("system")),
+            TlsParams { mode: SslMode::VerifyFull, roots: Some(Roots::System) }
+        );
         let weak = resolve(Some("require"), Some("system"), no_home).unwrap_err();
         assert!(weak.contains("weak sslmode \"require\""), "{weak}");
         let none = resolve(Some("verify-full"), None, no_home).unwrap_err();
@@ -835,7 +875,10 @@ mod tests {
         // libpq's default root file.
         let home = tempfile::tempdir().unwrap();
         std::fs::create_dir(home.path().join(".postgresql")).unwrap();
-        assert_eq!(resolve(Some("verify-ca"), None, Some(home.path())).unwrap_err(), none.replace("verify-full", "verify-ca"));
+        assert_eq!(
+            resolve(Some("verify-ca"), None, Some(home.path())).unwrap_err(),
+            none.replace("verify-full", "verify-ca")
+        );
         std::fs::write(home.path().join(".postgresql/root.crt"), "").unwrap();
         assert_eq!(
             resolve(None, None, Some(home.path())).unwrap(),
@@ -863,6 +906,35 @@ mod tests {
             };
             assert!(!err.contains("s3cret"), "{url}: {err}");
         }
+    }
+
+    fn cert(names: &[&str], common_name: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_common_name_counts_only_without_dns_or_ip_names() {
+        let cn_only = cert(&[], "db.example");
+        assert!(der::common_name_matches(&cn_only, "db.example"));
+        assert!(der::common_name_matches(&cn_only, "DB.Example"));
+        assert!(!der::common_name_matches(&cn_only, "other.example"));
+        let wildcard = cert(&[], "*.example");
+        assert!(der::common_name_matches(&wildcard, "db.example"));
+        assert!(!der::common_name_matches(&wildcard, "a.db.example"));
+        assert!(!der::common_name_matches(&wildcard, "example"));
+        // With subject alternative names the common name is ignored.
+        assert!(!der::common_name_matches(&cert(&["other.example"], "db.example"), "db.example"));
+        assert!(!der::common_name_matches(&cert(&["10.0.0.1"], "db.example"), "db.example"));
+    }
+
+    #[test]
+    fn channel_binding_hashes_the_certificate_by_its_signature_hash() {
+        use sha2::Digest as _;
+        let der = cert(&["db.example"], "db.example"); // ECDSA P-256 with SHA-256
+        assert_eq!(der::end_point_hash(&der), Some(sha2::Sha256::digest(&der).to_vec()));
+        assert_eq!(der::end_point_hash(b"not a certificate"), None);
     }
 
     #[test]
