@@ -70,8 +70,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9464")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Keep the server's state in PostgreSQL instead of SQLite in --data-dir (which then holds
-    /// only admin.uri): a libpq-style URL, postgres://USER[:PASSWORD]@HOST:PORT/DATABASE. The
-    /// role must be able to create tables in that database. Without it: SQLite.
+    /// only admin.uri): a libpq-style URL, postgres://USER[:PASSWORD]@HOST:PORT/DATABASE, with
+    /// libpq's TLS settings (e.g. ?sslmode=verify-full&sslrootcert=CA.pem; default
+    /// sslmode=prefer). The role must be able to create tables in that database. Without it:
+    /// SQLite.
     #[arg(long, env = "CAPSYNC_STORE", hide_env_values = true, value_name = "URL", value_parser = StoreUrlParser)]
     store: Option<StoreUrl>,
     /// The HOST:PORT clients should dial, written into admin.uri and so into every URI made

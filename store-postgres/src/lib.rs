@@ -50,13 +50,14 @@ pub mod testing;
 mod append;
 pub mod migrate;
 pub mod notify;
+pub mod tls;
 
 pub use capsync_model as model;
 
 use capsync_model::{BatchAck, Entity, EntityKind, Id16, LoggedOp, Op, OpBody, Rights};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 pub use capsync_model::stored::{
     AuditEvent, AuditRow, OpenSession, OpenedSession, Resolution, SessionRow, ShareRow, SnapshotPage, SpaceLink,
@@ -242,8 +243,9 @@ pub struct CurrentEpochs {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
-    /// For connections of its own outside the pool (LISTEN).
+    /// For connections of its own outside the pool (LISTEN), with the pool's TLS.
     config: tokio_postgres::Config,
+    tls: tls::PgConnector,
     hook: Option<Hook>,
 }
 
@@ -421,16 +423,15 @@ async fn check_guard(tx: &Txn<'_>, guard: &[GuardLink], locked: Option<(&str, u6
 
 impl PgStore {
     /// Connects to `url` (a libpq-style `postgres://user:pass@host:port/db` or `key=value`
-    /// string; no TLS yet), checks that the server answers, and brings the schema up to date.
-    /// An unreachable server fails with [`PgError::Unavailable`] naming the host and port (never
-    /// the password).
+    /// string, with libpq's `sslmode` and `sslrootcert`: see [`tls`]), checks that the server
+    /// answers, and brings the schema up to date. An unreachable server fails with
+    /// [`PgError::Unavailable`] naming the host and port (never the password).
     pub async fn connect(url: &str) -> Result<PgStore, PgError> {
         PgStore::connect_with(url, PgOptions::default()).await
     }
 
     pub async fn connect_with(url: &str, options: PgOptions) -> Result<PgStore, PgError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| PgError::Other(format!("invalid PostgreSQL URL: {e}")))?;
+        let (mut config, tls) = tls::parse(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
@@ -438,7 +439,8 @@ impl PgStore {
             config.application_name("capsync");
         }
         let target = describe_target(&config);
-        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_connect(config.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.max_connections.max(1))
             .wait_timeout(Some(options.wait_timeout))
@@ -446,11 +448,18 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
-        let store = PgStore { pool, config, hook: options.hook };
-        let mut client = store.pool.get().await.map_err(|e| match PgError::from(e) {
-            PgError::Unavailable(why) => PgError::Unavailable(format!("cannot reach PostgreSQL at {target}: {why}")),
-            PgError::Other(why) => PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}")),
-            other => other,
+        let store = PgStore { pool, config, tls, hook: options.hook };
+        let mut client = store.pool.get().await.map_err(|e| {
+            // A certificate `sslmode` refuses is a setting to fix, not a database that is down.
+            let refused = matches!(&e, deadpool_postgres::PoolError::Backend(err) if tls::certificate_refused(err));
+            match PgError::from(e) {
+                PgError::Unavailable(why) if refused => {
+                    PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}"))
+                }
+                PgError::Unavailable(why) => PgError::Unavailable(format!("cannot reach PostgreSQL at {target}: {why}")),
+                PgError::Other(why) => PgError::Other(format!("cannot connect to PostgreSQL at {target}: {why}")),
+                other => other,
+            }
         })?;
         if options.migrate {
             migrate::run(&mut client).await?;
@@ -461,7 +470,7 @@ impl PgStore {
 
     /// Starts listening for what every node commits (see [`notify`]).
     pub fn listen(&self, options: notify::ListenOptions) -> tokio::sync::mpsc::UnboundedReceiver<notify::Notice> {
-        notify::listen(self.config.clone(), options)
+        notify::listen(self.config.clone(), self.tls.clone(), options)
     }
 
     /// The pool, for tools and tests.

@@ -109,12 +109,12 @@ impl Default for ListenOptions {
 
 /// Starts the listening task (on the current tokio runtime) and returns its notices. The task
 /// ends when the receiver is dropped.
-pub fn listen(config: tokio_postgres::Config, options: ListenOptions) -> mpsc::UnboundedReceiver<Notice> {
+pub fn listen(config: tokio_postgres::Config, tls: crate::tls::PgConnector, options: ListenOptions) -> mpsc::UnboundedReceiver<Notice> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match session(&config, &options, &tx).await {
+            match session(&config, &tls, &options, &tx).await {
                 Ok(()) => return, // the receiver is gone
                 Err(err) => {
                     warn!(error = %err, "the LISTEN connection to PostgreSQL was lost; reconnecting");
@@ -133,10 +133,11 @@ pub fn listen(config: tokio_postgres::Config, options: ListenOptions) -> mpsc::U
 /// One listening connection, from connect to loss. `Ok` only when the receiver is gone.
 async fn session(
     config: &tokio_postgres::Config,
+    tls: &crate::tls::PgConnector,
     options: &ListenOptions,
     tx: &mpsc::UnboundedSender<Notice>,
 ) -> Result<(), PgError> {
-    let (client, mut connection) = tokio::time::timeout(options.timeout, config.connect(tokio_postgres::NoTls))
+    let (client, mut connection) = tokio::time::timeout(options.timeout, tls.open(config))
         .await
         .map_err(|_| PgError::Unavailable("connecting timed out".into()))??;
     // The connection's messages: notifications go to the caller, the end of the stream is

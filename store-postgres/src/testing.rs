@@ -13,6 +13,11 @@
 //! dropped). If the binary dies instead (a crash, SIGKILL), a watchdog started with the cluster
 //! (a shell loop in its own process group, so a terminal's Ctrl-C does not reach it first)
 //! sees its parent gone within half a second and does the same: no postgres is left behind.
+//!
+//! [`tls_cluster`] is a second cluster, started on first use, that serves TLS only: `ssl=on`
+//! with a certificate for [`TLS_HOST`] and 127.0.0.1 signed by a test CA made with rcgen, and
+//! a `pg_hba.conf` of `hostssl` lines (trust for [`USER`], SCRAM for [`SCRAM_USER`]), so a
+//! connection in the clear over TCP is refused. Its Unix socket stays open (trust), for setup.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,21 +26,38 @@ use std::sync::OnceLock;
 
 pub const USER: &str = "capsync_test";
 
+/// The host name the TLS cluster's certificate names (besides the IP address 127.0.0.1). It
+/// resolves nowhere: give it as `host` with `hostaddr=127.0.0.1`.
+pub const TLS_HOST: &str = "db.capsync.test";
+/// A role of the TLS cluster that logs in with a password (SCRAM-SHA-256) only.
+pub const SCRAM_USER: &str = "capsync_scram";
+pub const SCRAM_PASSWORD: &str = "scram-test-password";
+
 pub struct Cluster {
     dir: PathBuf,
     data: PathBuf,
     bin: PathBuf,
     pub port: u16,
     as_postgres: bool,
+    tls: Option<TlsFiles>,
+}
+
+/// The TLS cluster's certificates (PEM files in the cluster's directory).
+pub struct TlsFiles {
+    /// The CA that signed the server's certificate.
+    pub ca: PathBuf,
+    /// A CA that signed nothing this cluster has.
+    pub other_ca: PathBuf,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static TLS_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static NEXT_DB: AtomicUsize = AtomicUsize::new(1);
 
 /// The binary's cluster, started on first use.
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
-        let cluster = Cluster::start();
+        let cluster = Cluster::start(false);
         extern "C" fn stop_at_exit() {
             if let Some(cluster) = CLUSTER.get() {
                 cluster.stop();
@@ -47,28 +69,83 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
+/// The binary's TLS-only cluster (see the module's docs), started on first use.
+pub fn tls_cluster() -> &'static Cluster {
+    TLS_CLUSTER.get_or_init(|| {
+        let cluster = Cluster::start(true);
+        extern "C" fn stop_at_exit() {
+            if let Some(cluster) = TLS_CLUSTER.get() {
+                cluster.stop();
+            }
+        }
+        // SAFETY: as in `cluster`.
+        unsafe { libc::atexit(stop_at_exit) };
+        cluster
+    })
+}
+
 /// A new, empty database of the cluster; returns its URL. Blocking (a small runtime of its
 /// own), so sync tests and async ones alike can call it.
 pub fn fresh_database() -> String {
-    let cluster = cluster();
+    cluster().fresh_database()
+}
+
+/// Creates a new, empty database on `cluster` (through its Unix socket); returns its name.
+fn create_database(cluster: &Cluster) -> String {
     let name = format!("t_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    let admin_url = cluster.url("postgres");
-    let create = format!("CREATE DATABASE {name}");
-    // On a thread of its own: the caller may already be inside a runtime.
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-        runtime.block_on(async {
-            let (client, connection) =
-                tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await.expect("connect to the test cluster");
-            let driver = tokio::spawn(connection);
-            client.batch_execute(&create).await.expect("CREATE DATABASE");
-            drop(client);
-            let _ = driver.await;
-        })
-    })
-    .join()
-    .expect("creating a test database");
-    cluster.url(&name)
+    query(&cluster.socket_url("postgres"), &format!("CREATE DATABASE {name}"));
+    name
+}
+
+/// Makes the test CA, the server's certificate and key, and a CA that signed nothing, in `dir`.
+fn write_tls_files(dir: &Path, owner: Option<(u32, u32)>) -> TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let ca = |name: &str| {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("a CA key")).expect("a CA certificate")
+    };
+    let (issuer, other) = (ca("capsync test CA"), ca("capsync other CA"));
+    let key = KeyPair::generate().expect("a server key");
+    let mut params = CertificateParams::new(vec![TLS_HOST.to_owned(), "127.0.0.1".to_owned()]).expect("server names");
+    params.distinguished_name.push(DnType::CommonName, TLS_HOST);
+    let cert = params.signed_by(&key, &issuer).expect("the server certificate");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        std::io::Write::write_all(&mut file, text.as_bytes()).expect("write a TLS file");
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown a TLS file to postgres");
+        }
+        path
+    };
+    write("server.crt", cert.pem());
+    write("server.key", key.serialize_pem());
+    TlsFiles { ca: write("ca.pem", issuer.pem()), other_ca: write("other-ca.pem", other.pem()) }
+}
+
+impl Cluster {
+    /// A new, empty database of this cluster; returns its URL (TCP, 127.0.0.1).
+    pub fn fresh_database(&self) -> String {
+        self.url(&create_database(self))
+    }
+
+    /// The TLS cluster's certificates; `None` for the plain cluster.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// A `key=value` connection string for `db` through the cluster's Unix socket (never TLS).
+    pub fn socket_url(&self, db: &str) -> String {
+        format!("host='{}' port={} user={USER} dbname={db}", self.dir.display(), self.port)
+    }
 }
 
 fn find_bin() -> PathBuf {
@@ -119,7 +196,7 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    fn start(tls: bool) -> Cluster {
         let bin = find_bin();
         // SAFETY: geteuid has no preconditions.
         let as_postgres = unsafe { libc::geteuid() } == 0;
@@ -127,12 +204,12 @@ impl Cluster {
         // Short: the socket path inside it must fit in sun_path (108 bytes).
         let dir = std::env::temp_dir().join(format!("capsync-pg-{}-{nanos:x}", std::process::id()));
         std::fs::create_dir(&dir).expect("create the cluster directory");
-        if as_postgres {
-            let (uid, gid) = postgres_ids();
+        let owner = as_postgres.then(postgres_ids);
+        if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown the cluster directory to postgres");
         }
         let data = dir.join("data");
-        let mut cluster = Cluster { dir, data, bin, port: 0, as_postgres };
+        let mut cluster = Cluster { dir, data, bin, port: 0, as_postgres, tls: None };
         cluster.watchdog();
         let out = cluster
             .tool("initdb")
@@ -146,11 +223,28 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if tls {
+            cluster.tls = Some(write_tls_files(&cluster.dir, owner));
+            // Over TCP, TLS only; the Unix socket stays open for setup. Rewriting the file
+            // keeps its owner.
+            let hba = format!(
+                "local all all trust\n\
+                 hostssl all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 trust\n"
+            );
+            std::fs::write(cluster.data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        }
         let mut last_error = String::new();
         for _ in 0..5 {
             cluster.port = free_port();
             let out = cluster.pg_ctl(&["-o", &cluster.options(), "start"]);
             if out.status.success() {
+                if tls {
+                    query(
+                        &cluster.socket_url("postgres"),
+                        &format!("CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{SCRAM_PASSWORD}'"),
+                    );
+                }
                 return cluster;
             }
             last_error = format!(
@@ -166,11 +260,19 @@ impl Cluster {
 
     /// The server options the cluster runs with (its port and socket directory).
     fn options(&self) -> String {
-        format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400 -c shared_buffers=32MB",
             self.port,
             self.dir.display()
-        )
+        );
+        if self.tls.is_some() {
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                self.dir.join("server.crt").display(),
+                self.dir.join("server.key").display()
+            );
+        }
+        options
     }
 
     /// Starts the cluster again after a `pg_ctl stop`, on the same port.
