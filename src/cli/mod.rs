@@ -99,6 +99,39 @@ impl clap::builder::TypedValueParser for UriParser {
     }
 }
 
+/// What a client command works on: a sturdy URI, or the name of a ref attached in the outbox
+/// (`codex:<id>` and `opencode:<id>` from `capsync import`, `ref-…` for a URI used before).
+/// `Debug` redacts a URI's token.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Uri(SturdyUri),
+    Ref(String),
+}
+
+/// Parses a [`Target`]: anything with a `://` is a sturdy URI (parsed as [`UriParser`] does,
+/// never echoed), anything else a ref name.
+#[derive(Clone, Copy, Debug)]
+pub struct TargetParser;
+
+impl clap::builder::TypedValueParser for TargetParser {
+    type Value = Target;
+
+    fn parse_ref(&self, cmd: &clap::Command, arg: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<Target, clap::Error> {
+        use clap::error::ErrorKind;
+        let text = value.to_str().ok_or_else(|| clap::Error::raw(ErrorKind::InvalidUtf8, "the argument is not UTF-8\n"))?;
+        if text.contains("://") {
+            return UriParser.parse_ref(cmd, arg, value).map(Target::Uri);
+        }
+        if text.is_empty() || text.len() > 256 || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(clap::Error::raw(
+                ErrorKind::ValueValidation,
+                "give a sturdy URI (capsync://HOST:PORT/TOKEN) or the name of an attached ref (see `capsync status`)\n",
+            ));
+        }
+        Ok(Target::Ref(text.to_owned()))
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
