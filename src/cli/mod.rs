@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod admin;
+mod agents;
 mod bench;
 mod client;
 mod ops;
@@ -51,6 +52,13 @@ enum Command {
     Status(client::StatusArgs),
     /// Follow a session live: print each op as it is applied (into the local replica too).
     Tail(client::TailArgs),
+    /// Import an agent's sessions (codex, opencode) through a space: one capsync session each,
+    /// attached as codex:<id> / opencode:<id>; a re-run sends only what is new.
+    Import(agents::ImportArgs),
+    /// Import continuously: new sessions and new lines as the agent writes them.
+    Watch(agents::WatchArgs),
+    /// Write a session back in an agent's own format (a Codex rollout, opencode's JSON tree).
+    Export(agents::ExportArgs),
     /// Measure capsync on this machine: scenarios and figures side by side.
     Bench(bench::BenchArgs),
     /// Write a consistent copy of a data dir's database while its server runs.
@@ -141,6 +149,8 @@ pub enum LogFormat {
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
         Command::Serve(_) => "info",
+        // Import and watch report skipped files themselves (relative paths, once each).
+        Command::Import(_) | Command::Watch(_) => "warn,capsync_agents=error",
         _ => "warn",
     };
     let filter = std::env::var("RUST_LOG").ok().or_else(|| cli.log.clone()).unwrap_or_else(|| default.to_owned());
@@ -164,6 +174,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pull(args) => local(client::pull(args)),
         Command::Status(args) => client::status(args),
         Command::Tail(args) => local(client::tail(args)),
+        Command::Import(args) => local(agents::import(args)),
+        Command::Watch(args) => local(agents::watch(args)),
+        Command::Export(args) => local(agents::export(args)),
         Command::Bench(args) => local(bench::run(args)),
         Command::Backup(args) => ops::backup(args),
         Command::Restore(args) => ops::restore(args),
