@@ -96,3 +96,27 @@ fn upgrading_from_v2_adds_agent_imports() {
     assert_eq!(upgraded.import_row("codex:s1").unwrap().unwrap().cursor, "");
     assert!(upgraded.enqueue_new("nope", vec![op(9)], limits, Some(&progress)).is_err(), "an import that was never attached");
 }
+
+/// Processes opening a new outbox at the same moment (`capsync watch` creating it while
+/// `capsync status` reads it) all succeed: the busy timeout covers the switch to WAL and the
+/// schema's creation.
+#[test]
+fn concurrent_opens_of_a_new_outbox_all_succeed() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let opens: Vec<_> = (0..6)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ClientDb::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for open in opens {
+            open.join().unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}

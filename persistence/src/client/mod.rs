@@ -117,9 +117,21 @@ impl ClientDb {
             .open(path)
             .map_err(|e| StorageError::Sqlite(format!("opening {}: {e}", path.display())))?;
         let mut conn = Connection::open(path)?;
-        migrate::configure(&conn)?;
-        schema::PLAN.apply(&mut conn)?;
-        Ok(ClientDb { conn })
+        // Processes opening a new file at the same moment (`capsync status` while `capsync
+        // watch` creates it) can meet SQLITE_BUSY where SQLite does not wait (switching to WAL,
+        // a lock upgrade it would deadlock on): such an open is tried again, for up to 10 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut pause = 5;
+        loop {
+            match migrate::configure(&conn).and_then(|()| schema::PLAN.apply(&mut conn)) {
+                Ok(()) => return Ok(ClientDb { conn }),
+                Err(StorageError::Sqlite(message)) if message.contains("database is locked") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(pause));
+                    pause = (pause * 2).min(200);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Attaches `uri` under `name`. Re-attaching a name replaces its URI (a rotated token)
