@@ -44,6 +44,8 @@ struct Inner {
 struct State {
     queue: VecDeque<String>,
     queued: HashSet<String>,
+    /// Refs being synced: never two syncs of one ref at once (a ref pushed meanwhile waits).
+    running: HashSet<String>,
     closed: bool,
     /// Why the server could not be reached, while it cannot.
     away: Option<String>,
@@ -112,9 +114,11 @@ impl Deliverer {
             while running.len() < CONCURRENT && gave_up.is_none() {
                 let Some(name) = ({
                     let mut state = inner.state.borrow_mut();
-                    let next = state.queue.pop_front();
+                    let at = state.queue.iter().position(|n| !state.running.contains(n));
+                    let next = at.and_then(|at| state.queue.remove(at));
                     if let Some(name) = &next {
                         state.queued.remove(name);
+                        state.running.insert(name.clone());
                     }
                     next
                 }) else {
@@ -127,9 +131,11 @@ impl Deliverer {
                 });
             }
             if running.is_empty() {
-                if gave_up.is_some() || inner.state.borrow().closed {
+                let state = inner.state.borrow();
+                if gave_up.is_some() || (state.closed && state.queue.is_empty()) {
                     break;
                 }
+                drop(state);
                 inner.wake.notified().await;
                 continue;
             }
@@ -138,6 +144,7 @@ impl Deliverer {
                 _ = inner.wake.notified() => continue,
             };
             let Some((name, result)) = next else { continue };
+            inner.state.borrow_mut().running.remove(&name);
             match result {
                 Ok(_) => {
                     failures = 0;

@@ -69,6 +69,8 @@ impl Importer {
     /// root, the outbox failing, or the space refused (revoked...).
     pub async fn scan(&mut self, deliverer: &Deliverer) -> anyhow::Result<()> {
         self.space_error = None;
+        // These describe the pass; records, new sessions and warnings add up over a watch.
+        (self.totals.sessions, self.totals.unchanged, self.totals.deferred) = (0, 0, 0);
         let result = match self.agent {
             Agent::Codex => self.scan_codex(deliverer).await,
             Agent::Opencode => self.scan_opencode(deliverer).await,

@@ -84,6 +84,9 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     delivering.abort();
+    for note in deliverer.take_notes() {
+        importer.reporter.info(&note);
+    }
     importer.reporter.finish();
     let kept = deliverer.unacked()?;
     if let Some(reason) = refused {
