@@ -183,9 +183,9 @@ on_both_stores! {
         assert_eq!(first["ops_delivered"].as_u64(), Some(queued));
         assert_eq!(first["ops_kept"].as_u64(), Some(0));
         // The corrupt file and the symlink out of the root: skipped, named relative to the root.
-        let warned: Vec<&str> = first["warnings"].as_array().unwrap().iter().map(|w| w["path"].as_str().unwrap()).collect();
+        let warned: Vec<&str> = first["warned"].as_array().unwrap().iter().map(|w| w["path"].as_str().unwrap()).collect();
         assert!(warned.contains(&CORRUPT_PATH) && warned.contains(&LINK_PATH), "{first}");
-        assert_eq!(first["skipped"].as_u64(), Some(warned.len() as u64));
+        assert_eq!(first["warnings"].as_u64(), Some(warned.len() as u64));
         assert!(lines.iter().filter(|l| l["event"] == "warning").count() >= 2);
         let root_text = root.canonicalize().unwrap().to_string_lossy().into_owned();
         let all_output = format!("{}{stderr}", lines.iter().map(|l| l.to_string()).collect::<String>());
@@ -305,7 +305,7 @@ fn import_opencode_tree_and_database() {
     assert!(first["records_queued"].as_u64().unwrap() > 15, "{first}");
     assert_eq!(first["ops_kept"].as_u64(), Some(0));
     // The corrupt message file is named relative to the root.
-    let warned: Vec<&str> = first["warnings"].as_array().unwrap().iter().map(|w| w["path"].as_str().unwrap()).collect();
+    let warned: Vec<&str> = first["warned"].as_array().unwrap().iter().map(|w| w["path"].as_str().unwrap()).collect();
     assert!(warned.iter().any(|p| p.starts_with("storage/message/")), "{first}");
     let root_text = root.canonicalize().unwrap().to_string_lossy().into_owned();
     assert!(!stderr.contains(&root_text) && !lines.iter().any(|l| l.to_string().contains(&root_text)));

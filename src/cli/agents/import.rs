@@ -325,7 +325,7 @@ impl Importer {
 
     fn warn(&mut self, warning: Warning) {
         if self.reporter.warning(warning) {
-            self.totals.skipped += 1;
+            self.totals.warnings += 1;
         }
     }
 

@@ -1,10 +1,10 @@
 //! What an import or a watch tells its user: a progress bar on a terminal, JSON lines with
-//! `--json`, else a line on stderr now and then; warnings about skipped files (relative to the
-//! root, each once); and a summary.
+//! `--json`, else a line on stderr now and then; warnings about files skipped or read in part
+//! (named relative to the root, each once); and a summary.
 //!
 //! With `--json`, stdout carries one object a line, each with an `event`: `progress` (the
 //! [`Totals`]), `warning` (`path`, `reason`), `info` (`message`) and, at the end, `summary`
-//! (the totals and every warning).
+//! (the totals, `ops_kept`, and every warning in `warned`).
 
 use capsync_agents::Warning;
 use serde::Serialize;
@@ -28,8 +28,9 @@ pub struct Totals {
     pub records_queued: u64,
     /// Ops the server acknowledged.
     pub ops_delivered: u64,
-    /// Files (or records) skipped, each with a warning.
-    pub skipped: u64,
+    /// Warnings: files skipped (unreadable, not the agent's, over a cap, a symlink out of the
+    /// root) or read in part (a line not JSON, over the line cap...).
+    pub warnings: u64,
     /// Sessions not opened because the server could not be reached (tried again later).
     pub deferred: u64,
 }
@@ -74,16 +75,16 @@ impl Reporter {
         self.acked.load(Ordering::Relaxed)
     }
 
-    /// A skipped file: shown once (a watch finds it again on every pass), kept for the summary.
+    /// A warning about a file: shown once (a watch finds it again on every pass), kept for the summary.
     /// Returns whether it was new.
     pub fn warning(&mut self, warning: Warning) -> bool {
         if !self.shown.insert((warning.path.clone(), warning.reason.clone())) {
             return false;
         }
         match &self.mode {
-            Mode::Bar(bar) => bar.println(format!("skipped {warning}")),
+            Mode::Bar(bar) => bar.println(format!("warning: {warning}")),
             Mode::Json => stdout_line(&json!({"event": "warning", "path": warning.path, "reason": warning.reason})),
-            Mode::Plain => eprintln!("capsync: skipped {warning}"),
+            Mode::Plain => eprintln!("capsync: warning: {warning}"),
         }
         if self.warnings.len() < KEPT_WARNINGS {
             self.warnings.push(warning);
@@ -138,7 +139,7 @@ impl Reporter {
             line["event"] = "summary".into();
             line["agent"] = agent.into();
             line["ops_kept"] = kept.into();
-            line["warnings"] = self.warnings.iter().map(|w| json!({"path": w.path, "reason": w.reason})).collect();
+            line["warned"] = self.warnings.iter().map(|w| json!({"path": w.path, "reason": w.reason})).collect();
             stdout_line(&line);
             return;
         }
@@ -146,13 +147,13 @@ impl Reporter {
         if kept > 0 {
             text.push_str(&format!("; {kept} op(s) kept in the outbox"));
         }
-        if totals.skipped > 0 {
-            text.push_str(&format!("\nskipped {}:", totals.skipped));
+        if totals.warnings > 0 {
+            text.push_str(&format!("\nwarnings ({}):", totals.warnings));
             for w in &self.warnings {
                 text.push_str(&format!("\n  {w}"));
             }
-            if (self.warnings.len() as u64) < totals.skipped {
-                text.push_str(&format!("\n  ... and {} more", totals.skipped - self.warnings.len() as u64));
+            if (self.warnings.len() as u64) < totals.warnings {
+                text.push_str(&format!("\n  ... and {} more", totals.warnings - self.warnings.len() as u64));
             }
         }
         stdout_line(&text);
@@ -164,8 +165,8 @@ fn describe(t: &Totals) -> String {
         "{} session(s) ({} new, {} unchanged), {} record(s) queued, {} op(s) delivered",
         t.sessions, t.new_sessions, t.unchanged, t.records_queued, t.ops_delivered
     );
-    if t.skipped > 0 {
-        text.push_str(&format!(", {} skipped", t.skipped));
+    if t.warnings > 0 {
+        text.push_str(&format!(", {} warning(s)", t.warnings));
     }
     if t.deferred > 0 {
         text.push_str(&format!(", {} waiting for the server", t.deferred));
