@@ -13,6 +13,11 @@
 //! - `capsync watch` killed with SIGKILL while a rollout grows, then restarted: the server's
 //!   log holds every expected opId exactly once.
 //! - A revoked space stops the watcher with one line and a non-zero exit; the queue is kept.
+//!
+//! The first test runs on both stores (the server side of an import: spaces, openSession,
+//! appends, shares, snapshots); the others test the client side (positions, crash points,
+//! the watcher, delivery), which does not depend on the store, and run on SQLite only to keep
+//! the file fast.
 
 mod common;
 
