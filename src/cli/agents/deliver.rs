@@ -131,11 +131,13 @@ impl Deliverer {
                 });
             }
             if running.is_empty() {
-                let state = inner.state.borrow();
-                if gave_up.is_some() || (state.closed && state.queue.is_empty()) {
+                let drained = {
+                    let state = inner.state.borrow();
+                    state.closed && state.queue.is_empty()
+                };
+                if gave_up.is_some() || drained {
                     break;
                 }
-                drop(state);
                 inner.wake.notified().await;
                 continue;
             }
