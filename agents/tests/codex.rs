@@ -399,3 +399,33 @@ fn a_cursor_tells_the_caller_when_a_file_need_not_be_opened() {
     assert!(!cursor.is_current(*size + 1, *mtime_ns));
     assert!(!codex::CodexCursor::default().is_current(0, 0));
 }
+
+#[test]
+fn discovery_passes_over_known_files_without_reading_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("codex");
+    copy_tree(&fixtures().join("codex"), &root);
+    let (before, _) = discover_all(&root, Limits::default());
+    let SessionSource::CodexRollout { size, mtime_ns, .. } = before[1].source.clone() else { panic!() };
+    // The known file's content is replaced (same size, same mtime) by something that is no
+    // rollout: discovery must not open it.
+    let asked = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = asked.clone();
+    let known = move |rel: &str, s: u64, m: i64| {
+        seen.borrow_mut().push(rel.to_owned());
+        (rel == S1_PATH && s == size && m == mtime_ns).then(|| S1.to_owned())
+    };
+    let file = root.join(S1_PATH);
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::write(&file, vec![b'x'; size as usize]).unwrap();
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(modified).unwrap();
+    let (_, warnings) = discover_all(&root, Limits::default());
+    assert!(warnings.iter().any(|w| w.path == S1_PATH), "read, it is no rollout");
+    let found: Vec<_> = codex::discover(&root, Limits::default()).unwrap().with_known(known).collect();
+    let sessions: Vec<AgentSession> = found.into_iter().filter_map(Result::ok).collect();
+    let ids: Vec<&str> = sessions.iter().map(|s| s.session_id.as_str()).collect();
+    assert_eq!(ids, vec![S4, S1, S2, S3]);
+    assert_eq!(sessions[1].title, "", "not read");
+    assert_eq!(sessions[1].source, before[1].source);
+    assert!(asked.borrow().iter().any(|p| p == S2_PATH), "asked about every rollout");
+}

@@ -5,7 +5,7 @@ use crate::error::{ClientError, Result};
 use crate::pull::{self, PullReport};
 use crate::store::Db;
 use crate::sync::{self, SyncOptions, SyncReport};
-use capsync_persistence::client::{ClientDb, OpCounts};
+use capsync_persistence::client::{ClientDb, ImportProgress, ImportRow, OpCounts};
 use capsync_persistence::{Entity, EntityKind, Id16, Op, OpBody};
 use capsync_persistence::failpoint;
 use capsync_schema::SturdyUri;
@@ -91,6 +91,59 @@ impl Client {
         })??;
         failpoint::hit("client-after-enqueue");
         Ok(ids)
+    }
+
+    /// Queues ops that carry their own opIds (deterministic ones, such as an agent import's)
+    /// for `name` in one durable transaction, leaving out any whose opId the outbox already
+    /// holds: queueing the same ops again queues nothing. With `progress`, the ref's import
+    /// (see [`Client::attach_import`]) records that read position in the same transaction.
+    /// Every op is checked first; if one is invalid, nothing is queued. Returns how many ops
+    /// were queued.
+    pub fn enqueue_ops(&self, name: &str, ops: Vec<Op>, progress: Option<&ImportProgress>) -> Result<usize> {
+        for (i, op) in ops.iter().enumerate() {
+            check_body(&op.body).map_err(|e| ClientError::Invalid(format!("op {}: {e}", i + 1)))?;
+        }
+        let queued = self.db.with(|db| {
+            if db.ref_row(name)?.is_none() {
+                return Ok(Err(ClientError::Invalid(format!("no ref named {name}; attach it first"))));
+            }
+            Ok(Ok(db.enqueue_new(name, ops, self.options.batch_limits(), progress)?))
+        })??;
+        failpoint::hit("client-after-enqueue");
+        Ok(queued)
+    }
+
+    /// Attaches `uri` under `row.ref_name` and records it as an agent import (the session and
+    /// space it came from), in one transaction.
+    pub fn attach_import(&self, row: &ImportRow, uri: &str) -> Result<()> {
+        SturdyUri::parse(uri)?;
+        let client_id = *uuid::Uuid::new_v4().as_bytes();
+        self.db.with(|db| db.attach_import(row, uri, client_id))
+    }
+
+    /// The agent import attached under `name`, if any.
+    pub fn import_row(&self, name: &str) -> Result<Option<ImportRow>> {
+        self.db.with(|db| db.import_row(name))
+    }
+
+    /// The agent import of `agent` last read from `source` (relative to its root), if any.
+    pub fn import_by_source(&self, agent: &str, source: &str) -> Result<Option<ImportRow>> {
+        self.db.with(|db| db.import_by_source(agent, source))
+    }
+
+    /// Whether a ref is attached under `name`.
+    pub fn has_ref(&self, name: &str) -> Result<bool> {
+        Ok(self.db.with(|db| db.ref_row(name))?.is_some())
+    }
+
+    /// Ops of `name` the server has not acknowledged yet.
+    pub fn unacked(&self, name: &str) -> Result<u64> {
+        self.db.with(|db| db.unacked_count(name))
+    }
+
+    /// The sturdy URI attached under `name` (it holds a secret: never print it).
+    pub fn ref_uri(&self, name: &str) -> Result<SturdyUri> {
+        self.uri(name)
     }
 
     pub fn put(&self, name: &str, kind: EntityKind, id: &str, parent: &str, data: &[u8]) -> Result<Id16> {
@@ -193,15 +246,7 @@ impl Client {
 
     /// Names of refs that have ops the server has not acknowledged.
     pub fn refs_with_work(&self) -> Result<Vec<String>> {
-        self.db.with(|db| {
-            let mut names = Vec::new();
-            for row in db.refs()? {
-                if db.unacked_count(&row.name)? > 0 {
-                    names.push(row.name);
-                }
-            }
-            Ok(names)
-        })
+        self.db.with(|db| db.refs_with_unacked())
     }
 
     fn uri(&self, name: &str) -> Result<SturdyUri> {
@@ -211,6 +256,16 @@ impl Client {
 }
 
 fn validate(change: Change) -> std::result::Result<OpBody, String> {
+    let body = match change {
+        Change::Put { kind, id, parent, data } => OpBody::Put(Entity { kind, id, parent_id: parent, data }),
+        Change::Delete { kind, id } => OpBody::Delete { kind, id },
+    };
+    check_body(&body)?;
+    Ok(body)
+}
+
+/// What the client checks before queueing an op (the server checks it again).
+fn check_body(body: &OpBody) -> std::result::Result<(), String> {
     let check_id = |id: &str| {
         if id.is_empty() || id.len() > 256 {
             Err("an id is 1 to 256 bytes".to_owned())
@@ -218,26 +273,23 @@ fn validate(change: Change) -> std::result::Result<OpBody, String> {
             Ok(())
         }
     };
-    match change {
-        Change::Put { kind, id, parent, data } => {
-            check_id(&id)?;
-            if parent.len() > 256 {
+    match body {
+        OpBody::Put(Entity { kind, id, parent_id, data }) => {
+            check_id(id)?;
+            if parent_id.len() > 256 {
                 return Err("a parent id is at most 256 bytes".into());
             }
             if data.len() > MAX_DATA_BYTES {
                 return Err(format!("data is {} bytes; the limit is {MAX_DATA_BYTES}", data.len()));
             }
-            if serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_err() {
+            if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
                 return Err("data is not valid JSON".into());
             }
-            if kind == EntityKind::Part && parent.is_empty() {
+            if *kind == EntityKind::Part && parent_id.is_empty() {
                 return Err("a part needs its parent message's id".into());
             }
-            Ok(OpBody::Put(Entity { kind, id, parent_id: parent, data }))
+            Ok(())
         }
-        Change::Delete { kind, id } => {
-            check_id(&id)?;
-            Ok(OpBody::Delete { kind, id })
-        }
+        OpBody::Delete { id, .. } => check_id(id),
     }
 }

@@ -45,6 +45,7 @@ pub mod tls;
 pub mod wire;
 
 pub use api::{Change, Client, RefStatus};
+pub use capsync_persistence::client::{ImportProgress, ImportRow};
 pub use connection::Connection;
 pub use error::{ClientError, Result};
 pub use pull::PullReport;

@@ -111,9 +111,11 @@ pub fn describe(conn: &Connection) -> Result<Vec<String>, StorageError> {
 /// returned enqueue survives power loss), foreign keys on, and a busy timeout so a reader
 /// never fails on a writer's checkpoint.
 pub fn configure(conn: &Connection) -> Result<(), StorageError> {
+    // First: switching a new file to WAL takes a lock another process opening it at the same
+    // moment may hold (`capsync status` while `capsync watch` creates the outbox).
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(())
 }

@@ -1,11 +1,12 @@
-//! Client commands: put, delete, push, sync, pull, status.
+//! Client commands: put, delete, push, sync, pull, status, tail. Each that names a session takes
+//! a sturdy URI or the name of a ref attached in the outbox (`codex:<id>`, `ref-…`).
 
 use anyhow::{bail, Context as _};
 use capsync_client::{Change, Client, RefStatus};
 use capsync_persistence::EntityKind;
 use capsync_schema::SturdyUri;
 use clap::Args;
-use super::render;
+use super::{render, Target};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,18 +17,18 @@ pub struct OutboxArg {
     /// The client database (outbox, refs, replicas). Default: $XDG_DATA_HOME/capsync/outbox.db,
     /// else ~/.local/share/capsync/outbox.db.
     #[arg(long, env = "CAPSYNC_OUTBOX", value_name = "PATH")]
-    outbox: Option<PathBuf>,
+    pub(super) outbox: Option<PathBuf>,
     /// How long acked ops stay in the outbox after their ack (90s, 30m, 12h, 7d): while kept,
     /// they are re-delivered to a server restored from an older backup. Older ones are pruned
     /// after each sync.
     #[arg(long, env = "CAPSYNC_KEEP_ACKED", default_value = "7d", value_parser = super::parse_duration, value_name = "DURATION")]
     keep_acked: u64,
     #[command(flatten)]
-    tls: super::TlsArg,
+    pub(super) tls: super::TlsArg,
 }
 
 impl OutboxArg {
-    fn path(&self) -> anyhow::Result<PathBuf> {
+    pub(super) fn path(&self) -> anyhow::Result<PathBuf> {
         if let Some(path) = &self.outbox {
             return Ok(path.clone());
         }
@@ -38,7 +39,7 @@ impl OutboxArg {
         Ok(base.join("capsync").join("outbox.db"))
     }
 
-    fn open(&self) -> anyhow::Result<Client> {
+    pub(super) fn open(&self) -> anyhow::Result<Client> {
         let path = self.path()?;
         let client = Client::open(&path).with_context(|| format!("opening the outbox {}", path.display()))?;
         let options = capsync_client::SyncOptions {
@@ -52,9 +53,9 @@ impl OutboxArg {
 
 #[derive(Args, Debug)]
 pub struct PutArgs {
-    /// Sturdy URI of the session or share to write to.
-    #[arg(value_parser = super::UriParser)]
-    uri: SturdyUri,
+    /// Sturdy URI of the session or share to write to, or the name of an attached ref.
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: Target,
     #[arg(long, value_parser = parse_kind)]
     kind: EntityKind,
     #[arg(long)]
@@ -71,8 +72,9 @@ pub struct PutArgs {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    #[arg(value_parser = super::UriParser)]
-    uri: SturdyUri,
+    /// A sturdy URI, or the name of an attached ref (`codex:<id>`, see `capsync status`).
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: Target,
     #[arg(long, value_parser = parse_kind)]
     kind: EntityKind,
     #[arg(long)]
@@ -83,8 +85,9 @@ pub struct DeleteArgs {
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
-    #[arg(value_parser = super::UriParser)]
-    uri: SturdyUri,
+    /// A sturdy URI, or the name of an attached ref (`codex:<id>`, see `capsync status`).
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: Target,
     /// JSON Lines: {"op":"put","kind":"part","id":"p1","parent":"m1","data":{...}} or
     /// {"op":"delete","kind":"message","id":"m1"}. Lines longer than 4 MiB are refused.
     #[arg(long, value_name = "PATH")]
@@ -104,8 +107,9 @@ pub struct SyncArgs {
 
 #[derive(Args, Debug)]
 pub struct PullArgs {
-    #[arg(value_parser = super::UriParser)]
-    uri: SturdyUri,
+    /// A sturdy URI, or the name of an attached ref (`codex:<id>`, see `capsync status`).
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: Target,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -114,8 +118,9 @@ pub struct PullArgs {
 
 #[derive(Args, Debug)]
 pub struct TailArgs {
-    #[arg(value_parser = super::UriParser)]
-    uri: SturdyUri,
+    /// A sturdy URI, or the name of an attached ref (`codex:<id>`, see `capsync status`).
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: Target,
     /// One JSON object per op: {"seq", "op", "kind", "id", "parent", "data"}.
     #[arg(long)]
     json: bool,
@@ -125,6 +130,9 @@ pub struct TailArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// Only this ref (a name, or a URI used before).
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: Option<Target>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -142,6 +150,20 @@ fn attach(client: &Client, uri: &SturdyUri) -> anyhow::Result<String> {
     Ok(name)
 }
 
+/// The ref a command works on: a URI is attached under its default name; a name must be
+/// attached already.
+pub(super) fn resolve(client: &Client, target: &Target) -> anyhow::Result<String> {
+    match target {
+        Target::Uri(uri) => attach(client, uri),
+        Target::Ref(name) => {
+            if !client.has_ref(name)? {
+                bail!("no ref named {name} in the outbox (`capsync status` lists them)");
+            }
+            Ok(name.clone())
+        }
+    }
+}
+
 /// Syncs one ref; on failure says what stays queued.
 async fn deliver(client: &Client, name: &str) -> anyhow::Result<capsync_client::SyncReport> {
     match client.sync(name).await {
@@ -155,7 +177,7 @@ async fn deliver(client: &Client, name: &str) -> anyhow::Result<capsync_client::
 
 pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
     let client = args.outbox.open()?;
-    let name = attach(&client, &args.uri)?;
+    let name = resolve(&client, &args.target)?;
     let change = Change::Put { kind: args.kind, id: args.id, parent: args.parent, data: args.data.into_bytes() };
     client.enqueue(&name, [change])?;
     let report = deliver(&client, &name).await?;
@@ -165,7 +187,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let client = args.outbox.open()?;
-    let name = attach(&client, &args.uri)?;
+    let name = resolve(&client, &args.target)?;
     client.enqueue(&name, [Change::Delete { kind: args.kind, id: args.id }])?;
     let report = deliver(&client, &name).await?;
     println!("acked (cursor {})", report.cursor);
@@ -207,7 +229,7 @@ fn read_jsonl(path: &PathBuf) -> anyhow::Result<Vec<Change>> {
 pub async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let changes = read_jsonl(&args.file)?;
     let client = args.outbox.open()?;
-    let name = attach(&client, &args.uri)?;
+    let name = resolve(&client, &args.target)?;
     let total = changes.len() as u64;
     let started = Instant::now();
     client.enqueue(&name, changes).context("queueing the file's ops (none were queued)")?;
@@ -298,7 +320,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let client = args.outbox.open()?;
-    let name = attach(&client, &args.uri)?;
+    let name = resolve(&client, &args.target)?;
     let report = client.pull(&name).await?;
     let (cursor, entities) = client.replica(&name)?;
     let text = if args.json {
@@ -320,22 +342,34 @@ fn write_stdout(line: &str) -> anyhow::Result<()> {
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let client = args.outbox.open()?;
-    let refs = client.status()?;
+    let mut refs = client.status()?;
+    if let Some(target) = &args.target {
+        let name = match target {
+            Target::Uri(uri) => Client::default_ref_name(uri),
+            Target::Ref(name) => name.clone(),
+        };
+        refs.retain(|s| s.name == name);
+        if refs.is_empty() {
+            bail!("no ref named {name} in the outbox");
+        }
+    }
     if args.json {
         let refs: Vec<_> = refs.iter().map(status_json).collect();
         println!("{}", json!({ "refs": refs }));
     } else {
-        println!("{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  URI", "NAME", "STATE", "PENDING", "SENT", "KEPT", "REJECTED", "CONFLICT", "CURSOR");
+        // Names like codex:<uuid> are long: the column fits the longest.
+        let w = refs.iter().map(|s| s.name.len()).max().unwrap_or(0).max(18);
+        println!("{:<w$}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  URI", "NAME", "STATE", "PENDING", "SENT", "KEPT", "REJECTED", "CONFLICT", "CURSOR");
         for s in &refs {
             println!(
-                "{:<18}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {}",
+                "{:<w$}  {:<13}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {}",
                 s.name, s.state, s.counts.pending, s.counts.sent, s.counts.acked, s.counts.rejected, s.counts.conflict, s.cursor, s.uri
             );
             if !s.last_error.is_empty() {
-                println!("{:<18}  last error: {}", "", s.last_error);
+                println!("{:<w$}  last error: {}", "", s.last_error);
             }
             if s.healed > 0 {
-                println!("{:<18}  re-delivered {} acked ops to a server that had lost them (restored from a backup)", "", s.healed);
+                println!("{:<w$}  re-delivered {} acked ops to a server that had lost them (restored from a backup)", "", s.healed);
             }
         }
     }
@@ -364,7 +398,7 @@ fn status_json(s: &RefStatus) -> serde_json::Value {
 pub async fn tail(args: TailArgs) -> anyhow::Result<ExitCode> {
     use std::io::Write as _;
     let client = args.outbox.open()?;
-    let name = attach(&client, &args.uri)?;
+    let name = resolve(&client, &args.target)?;
     let json = args.json;
     let closed = std::rc::Rc::new(tokio::sync::Notify::new());
     let print = {

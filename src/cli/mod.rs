@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod admin;
+mod agents;
 mod bench;
 mod client;
 mod ops;
@@ -51,6 +52,13 @@ enum Command {
     Status(client::StatusArgs),
     /// Follow a session live: print each op as it is applied (into the local replica too).
     Tail(client::TailArgs),
+    /// Import an agent's sessions (codex, opencode) through a space: one capsync session each,
+    /// attached as codex:<id> / opencode:<id>; a re-run sends only what is new.
+    Import(agents::ImportArgs),
+    /// Import continuously: new sessions and new lines as the agent writes them.
+    Watch(agents::WatchArgs),
+    /// Write a session back in an agent's own format (a Codex rollout, opencode's JSON tree).
+    Export(agents::ExportArgs),
     /// Measure capsync on this machine: scenarios and figures side by side.
     Bench(bench::BenchArgs),
     /// Write a consistent copy of a data dir's database while its server runs.
@@ -99,6 +107,39 @@ impl clap::builder::TypedValueParser for UriParser {
     }
 }
 
+/// What a client command works on: a sturdy URI, or the name of a ref attached in the outbox
+/// (`codex:<id>` and `opencode:<id>` from `capsync import`, `ref-…` for a URI used before).
+/// `Debug` redacts a URI's token.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Uri(SturdyUri),
+    Ref(String),
+}
+
+/// Parses a [`Target`]: anything with a `://` is a sturdy URI (parsed as [`UriParser`] does,
+/// never echoed), anything else a ref name.
+#[derive(Clone, Copy, Debug)]
+pub struct TargetParser;
+
+impl clap::builder::TypedValueParser for TargetParser {
+    type Value = Target;
+
+    fn parse_ref(&self, cmd: &clap::Command, arg: Option<&clap::Arg>, value: &std::ffi::OsStr) -> Result<Target, clap::Error> {
+        use clap::error::ErrorKind;
+        let text = value.to_str().ok_or_else(|| clap::Error::raw(ErrorKind::InvalidUtf8, "the argument is not UTF-8\n"))?;
+        if text.contains("://") {
+            return UriParser.parse_ref(cmd, arg, value).map(Target::Uri);
+        }
+        if text.is_empty() || text.len() > 256 || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(clap::Error::raw(
+                ErrorKind::ValueValidation,
+                "give a sturdy URI (capsync://HOST:PORT/TOKEN) or the name of an attached ref (see `capsync status`)\n",
+            ));
+        }
+        Ok(Target::Ref(text.to_owned()))
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -108,6 +149,8 @@ pub enum LogFormat {
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
         Command::Serve(_) => "info",
+        // Import and watch report skipped files themselves (relative paths, once each).
+        Command::Import(_) | Command::Watch(_) => "warn,capsync_agents=error",
         _ => "warn",
     };
     let filter = std::env::var("RUST_LOG").ok().or_else(|| cli.log.clone()).unwrap_or_else(|| default.to_owned());
@@ -131,6 +174,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pull(args) => local(client::pull(args)),
         Command::Status(args) => client::status(args),
         Command::Tail(args) => local(client::tail(args)),
+        Command::Import(args) => local(agents::import(args)),
+        Command::Watch(args) => local(agents::watch(args)),
+        Command::Export(args) => local(agents::export(args)),
         Command::Bench(args) => local(bench::run(args)),
         Command::Backup(args) => ops::backup(args),
         Command::Restore(args) => ops::restore(args),

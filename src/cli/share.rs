@@ -8,9 +8,10 @@ use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct ShareArgs {
-    /// Sturdy URI of the session or share to mint from (needs the mint right).
-    #[arg(value_parser = super::UriParser)]
-    uri: SturdyUri,
+    /// Sturdy URI of the session or share to mint from (needs the mint right), or the name of
+    /// a ref attached in the outbox (`codex:<id>`).
+    #[arg(value_parser = super::TargetParser, value_name = "URI|REF")]
+    target: super::Target,
     /// Comma-separated rights of the new share: read, append, mint.
     #[arg(long, value_parser = parse_rights)]
     rights: Rights,
@@ -20,8 +21,9 @@ pub struct ShareArgs {
     /// How long the share lives (90s, 30m, 1h, 7d); by default as long as its parent.
     #[arg(long, value_parser = super::parse_duration)]
     ttl: Option<u64>,
+    /// The outbox where a ref name is looked up (and --tls-ca).
     #[command(flatten)]
-    tls: super::TlsArg,
+    outbox: super::client::OutboxArg,
 }
 
 pub(super) fn parse_rights(text: &str) -> Result<Rights, String> {
@@ -41,8 +43,17 @@ pub(super) fn parse_rights(text: &str) -> Result<Rights, String> {
 }
 
 pub async fn run(args: ShareArgs) -> anyhow::Result<ExitCode> {
-    let uri = args.uri;
-    let conn = Connection::connect(&uri, args.tls.tls_ca.as_deref()).await?;
+    let uri = match args.target {
+        super::Target::Uri(uri) => uri,
+        super::Target::Ref(name) => {
+            let client = args.outbox.open()?;
+            if !client.has_ref(&name)? {
+                anyhow::bail!("no ref named {name} in the outbox (`capsync status` lists them)");
+            }
+            client.ref_uri(&name)?
+        }
+    };
+    let conn = Connection::connect(&uri, args.outbox.tls.tls_ca.as_deref()).await?;
     let (session, _grant) = conn.session(&uri.token);
     let mut request = session.mint_request();
     {

@@ -88,8 +88,12 @@ pub fn discover(root: &Path, limits: Limits) -> Result<Discovery, AgentError> {
     let root = SafeRoot::new(root)?;
     let mut warnings = Vec::new();
     let items = root.list("", &mut warnings)?;
-    Ok(Discovery { root, stack: vec![items.into_iter()], warnings, seen: HashSet::new(), limits })
+    Ok(Discovery { root, stack: vec![items.into_iter()], warnings, seen: HashSet::new(), limits, known: None })
 }
+
+/// Says which rollouts a caller already holds: `(path relative to the root, size, mtime_ns)`
+/// to the agent session id read from it before; see [`Discovery::with_known`].
+pub type Known = Box<dyn FnMut(&str, u64, i64) -> Option<String>>;
 
 /// Rollouts under a root, one [`AgentSession`] each; a file that cannot be used is a
 /// [`Warning`] instead (too large, unreadable, not a rollout, a second file for the same
@@ -101,12 +105,23 @@ pub struct Discovery {
     warnings: Vec<Warning>,
     seen: HashSet<String>,
     limits: Limits,
+    known: Option<Known>,
 }
 
 /// How deep under the root rollouts are looked for (`YYYY/MM/DD` is 3).
 const MAX_DEPTH: usize = 8;
 
 impl Discovery {
+    /// Passes over the files `known` recognizes without opening them: for a rollout of that
+    /// path, size and modification time `known` returns the agent session id read from it
+    /// before, and the session is yielded with that id and an empty title, unread. A re-scan
+    /// of a large unchanged tree (`capsync import` again, `capsync watch`) then costs one
+    /// directory listing per level instead of a read of every rollout's head.
+    pub fn with_known(mut self, known: impl FnMut(&str, u64, i64) -> Option<String> + 'static) -> Discovery {
+        self.known = Some(Box::new(known));
+        self
+    }
+
     /// The root, to open the sessions' files with ([`CodexReader::open`]).
     pub fn root(&self) -> &SafeRoot {
         &self.root
@@ -119,6 +134,16 @@ impl Discovery {
                 item.rel,
                 format!("{} bytes, over the cap of {} bytes; not read", item.size, self.limits.max_file_bytes),
             )));
+        }
+        if let Some(id) = self.known.as_mut().and_then(|known| known(&item.rel, item.size, item.mtime_ns)) {
+            if valid_session_id(&id) && self.seen.insert(id.clone()) {
+                return Some(Ok(AgentSession {
+                    agent: Agent::Codex,
+                    session_id: id,
+                    title: String::new(),
+                    source: SessionSource::CodexRollout { path: item.rel, size: item.size, mtime_ns: item.mtime_ns, compressed },
+                }));
+            }
         }
         Some(match head(&self.root, &item.rel, compressed, &self.limits) {
             Err(reason) => Err(Warning::new(item.rel, reason)),

@@ -4,7 +4,10 @@
 //! (`synchronous=FULL`), so an op the application was told about survives a crash.
 
 pub mod schema;
+mod imports;
 mod replica;
+
+pub use imports::{ImportProgress, ImportRow};
 
 use crate::migrate;
 use crate::rows::read_op;
@@ -114,15 +117,31 @@ impl ClientDb {
             .open(path)
             .map_err(|e| StorageError::Sqlite(format!("opening {}: {e}", path.display())))?;
         let mut conn = Connection::open(path)?;
-        migrate::configure(&conn)?;
-        schema::PLAN.apply(&mut conn)?;
-        Ok(ClientDb { conn })
+        // Processes opening a new file at the same moment (`capsync status` while `capsync
+        // watch` creates it) can meet SQLITE_BUSY where SQLite does not wait (switching to WAL,
+        // a lock upgrade it would deadlock on): such an open is tried again, for up to 10 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut pause = 5;
+        loop {
+            match migrate::configure(&conn).and_then(|()| schema::PLAN.apply(&mut conn)) {
+                Ok(()) => return Ok(ClientDb { conn }),
+                Err(StorageError::Sqlite(message)) if message.contains("database is locked") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(pause));
+                    pause = (pause * 2).min(200);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Attaches `uri` under `name`. Re-attaching a name replaces its URI (a rotated token)
     /// but keeps its client id, batches and queued ops, and clears a terminal state.
     pub fn attach(&self, name: &str, uri: &str, new_client_id: Id16) -> Result<(), StorageError> {
-        self.conn
+        Self::attach_on(&self.conn, name, uri, new_client_id)
+    }
+
+    fn attach_on(conn: &Connection, name: &str, uri: &str, new_client_id: Id16) -> Result<(), StorageError> {
+        conn
             .prepare_cached(
                 "INSERT INTO refs (name, uri, client_id, created_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (name) DO UPDATE SET uri = excluded.uri, state = 'ok', last_error = ''",
@@ -198,12 +217,23 @@ impl ClientDb {
     /// could still join) is left for `form_batches`. Batch order stays enqueue order.
     pub fn enqueue(&self, name: &str, ops: &[Op], limits: BatchLimits) -> Result<(), StorageError> {
         let tx = self.conn.unchecked_transaction()?;
-        let unbatched = Self::unbatched(&tx, name)?;
+        Self::enqueue_in(&tx, name, ops, limits)?;
+        crate::failpoint::hit("client-before-enqueue-commit");
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`ClientDb::enqueue`]'s work inside a transaction the caller commits.
+    fn enqueue_in(tx: &rusqlite::Transaction<'_>, name: &str, ops: &[Op], limits: BatchLimits) -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let unbatched = Self::unbatched(tx, name)?;
         let sizes: Vec<usize> = unbatched.iter().map(|u| u.1).chain(ops.iter().map(op_size)).collect();
         let full = split_into_batches(&sizes, limits, false);
         let mut batch_of_new: Vec<Option<i64>> = vec![None; ops.len()];
         if !full.is_empty() {
-            let first = Self::assign_batches(&tx, name, &unbatched, &full)?;
+            let first = Self::assign_batches(tx, name, &unbatched, &full)?;
             for (batch_seq, range) in (first..).zip(&full) {
                 for i in range.start.max(unbatched.len())..range.end {
                     batch_of_new[i - unbatched.len()] = Some(batch_seq);
@@ -234,8 +264,6 @@ impl ClientDb {
                 ])?;
             }
         }
-        crate::failpoint::hit("client-before-enqueue-commit");
-        tx.commit()?;
         Ok(())
     }
 
@@ -477,6 +505,21 @@ impl ClientDb {
     pub fn unacked_count(&self, name: &str) -> Result<u64, StorageError> {
         let c = self.counts(name)?;
         Ok(c.pending + c.sent)
+    }
+
+    /// Names of the refs that have ops the server has not acknowledged (in a batch not acked
+    /// yet, or in none yet), by name. One query over the unacked batches and the unbatched ops,
+    /// whatever the number of refs.
+    pub fn refs_with_unacked(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT ref_name FROM batches WHERE acked = 0
+                 UNION SELECT ref_name FROM outbox WHERE batch_seq IS NULL
+                 ORDER BY ref_name",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?)
     }
 
     /// Marks every acked batch of `name` unacknowledged again, as if its acks had been lost:

@@ -1,16 +1,19 @@
-//! The client database's schema: refs, the outbox and replicas.
+//! The client database's schema: refs, the outbox, replicas and agent imports.
 
 use crate::migrate::SchemaPlan;
 
 pub const PLAN: SchemaPlan = SchemaPlan {
     name: "client",
-    current_version: 2,
-    create: &[CREATE_V1, HISTORY],
-    upgrades: &[(1, &[HISTORY, HISTORY_BACKFILL])],
+    current_version: 3,
+    create: &[CREATE_V1, HISTORY, AGENT_IMPORTS],
+    upgrades: &[(1, &[HISTORY, HISTORY_BACKFILL]), (2, &[AGENT_IMPORTS])],
 };
 
 /// The first released schema, kept so the migration test can start from it.
 pub const FIRST: &[&str] = &[CREATE_V1];
+
+/// Version 2 as released, for the test that upgrades it.
+pub const SECOND: &[&str] = &[CREATE_V1, HISTORY];
 
 const CREATE_V1: &str = r#"
 -- A sturdy URI attached under a name. The URI is a secret: the file is created 0600.
@@ -82,3 +85,25 @@ ALTER TABLE replica_state ADD COLUMN history TEXT NOT NULL DEFAULT '';
 /// Ops acked before version 2 count as acked at the upgrade: kept for the whole keep time.
 const HISTORY_BACKFILL: &str =
     "UPDATE outbox SET acked_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000 WHERE state = 'acked';";
+
+/// Version 3: agent sessions brought in by `capsync import` and `capsync watch`. One row per
+/// ref (`codex:<id>`, `opencode:<id>`): the capsync session the space opened for it, which space
+/// that was (its token's tag, not the token), and how far the source was read. The cursor is
+/// written in the same transaction as the ops read up to it, so a crash never loses or doubles
+/// records.
+const AGENT_IMPORTS: &str = r#"
+CREATE TABLE agent_imports (
+    ref_name TEXT PRIMARY KEY REFERENCES refs(name),
+    agent TEXT NOT NULL,                    -- codex, opencode
+    agent_session_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,               -- the capsync session the space opened
+    space TEXT NOT NULL,                    -- the space URI's token tag (never the token)
+    source TEXT NOT NULL DEFAULT '',        -- the file read, relative to the root it was found under
+    size INTEGER NOT NULL DEFAULT 0,        -- the source's size and mtime when a read reached its end
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    cursor TEXT NOT NULL DEFAULT '',        -- Codex: the reader's cursor (JSON); opencode: the fingerprint
+    records INTEGER NOT NULL DEFAULT 0,     -- records queued from it
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX agent_imports_by_source ON agent_imports(agent, source);
+"#;
