@@ -49,6 +49,7 @@
 pub mod testing;
 mod append;
 pub mod migrate;
+pub use append::sql as append_sql;
 pub mod notify;
 pub mod tls;
 
@@ -676,10 +677,8 @@ impl PgStore {
     /// The last batchSeq of `client_id` applied to session `sid` (0 if none).
     pub async fn last_batch_seq(&self, sid: i64, client_id: &Id16) -> Result<u64, PgError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT coalesce(max(batch_seq), 0) FROM client_batches WHERE sid = $1 AND client_id = $2")
-            .await?;
-        Ok(client.query_one(&stmt, &[&sid, &&client_id[..]]).await?.get::<_, i64>(0) as u64)
+        let stmt = client.prepare_cached(append_sql::LAST_BATCH).await?;
+        Ok(client.query_opt(&stmt, &[&sid, &&client_id[..]]).await?.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0))
     }
 
     /// Up to `limit` entities ordered by (kind, id) after `after`, with the cursor they

@@ -63,8 +63,9 @@ pub(crate) fn revoke_payload(kind: RevokedKind, id: &str, epoch: u64) -> String 
     format!("{}:{id}:{epoch}", kind.name())
 }
 
-/// The payload of an advance notice.
-pub(crate) fn advance_payload(sid: i64, cursor: i64) -> String {
+/// The payload of an advance notice (public for `capsync bench`'s raw baseline, which sends the
+/// same notice as an append).
+pub fn advance_payload(sid: i64, cursor: i64) -> String {
     format!("{sid}:{cursor}")
 }
 

@@ -19,7 +19,8 @@ pub fn payload(i: u64) -> Vec<u8> {
     format!("{{\"role\":\"assistant\",\"i\":{i},\"text\":\"{}\"}}", "lorem ipsum dolor sit amet ".repeat(6)).into_bytes()
 }
 
-/// A `capsync serve` child process on 127.0.0.1 with its own data dir. Killed on drop.
+/// A `capsync serve` child process on 127.0.0.1 with its own data dir, on SQLite in that dir
+/// or on the PostgreSQL database `store`. Killed on drop.
 pub struct BenchServer {
     child: Option<Child>,
     pub addr: String,
@@ -27,14 +28,16 @@ pub struct BenchServer {
 }
 
 impl BenchServer {
-    pub fn start(data: &Path) -> anyhow::Result<BenchServer> {
-        Self::start_at(data, "127.0.0.1:0")
-    }
-
-    pub fn start_at(data: &Path, listen: &str) -> anyhow::Result<BenchServer> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--listen", listen, "--max-connections", "8192", "--max-connections-per-address", "0", "--data-dir"])
-            .arg(data)
+    pub fn start(data: &Path, store: Option<&str>) -> anyhow::Result<BenchServer> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-connections", "8192", "--max-connections-per-address", "0", "--data-dir"])
+            .arg(data);
+        if let Some(url) = store {
+            command.arg("--store").arg(url);
+        }
+        let mut child = command
+            .env_remove("CAPSYNC_STORE")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

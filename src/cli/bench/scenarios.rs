@@ -1,7 +1,9 @@
 //! The scenarios of `capsync bench` (S1–S8, and S7W: S7 under a write flood), each with its
-//! baseline.
+//! baseline, on SQLite or on PostgreSQL; and, on PostgreSQL only, S9 (revocation across two
+//! nodes) and S10 (S2 on one node vs two).
 
 use super::harness::{self, ms, median, quantile, BenchServer, DelayProxy};
+use super::pg;
 use super::{Ctx, Row};
 use capsync_client::{Change, Client, Connection, SyncOptions};
 use capsync_persistence::EntityKind;
@@ -48,61 +50,52 @@ async fn append_one(session: &session::Client, client: &[u8; 16], seq: u64) -> a
 
 pub async fn s1(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>, f64)> {
     let n = if ctx.quick { 10_000 } else { 50_000 };
-    let server = BenchServer::start(&ctx.dir.join("s1"))?;
+    let server = ctx.server("s1").await?;
+    // On PostgreSQL the raw loop runs on a database of its own, a new session each round.
+    let raw_pg = match ctx.store("s1-raw").await? {
+        Some(url) => Some(pg::Raw::open(&url).await?),
+        None => None,
+    };
     let (mut ours, mut raw, mut redis, mut enqueue_share) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ctx.rounds {
         let (_, owner) = server.session().await?;
         let (rate, _, share) = push(ctx, &server, &owner, n, &format!("s1r{round}")).await?;
         ours.push(rate);
         enqueue_share.push(share);
-        let raw_dir = ctx.dir.join(format!("s1-raw-{round}"));
-        std::fs::create_dir_all(&raw_dir)?;
-        raw.push(harness::raw_sqlite_loop(&raw_dir, n, 100)?);
+        raw.push(match &raw_pg {
+            Some(raw_pg) => raw_pg.append_loop(n, 100).await?,
+            None => {
+                let raw_dir = ctx.dir.join(format!("s1-raw-{round}"));
+                std::fs::create_dir_all(&raw_dir)?;
+                harness::raw_sqlite_loop(&raw_dir, n, 100)?
+            }
+        });
         redis.push(ctx.redis(1, 100, n).map(|r| r.0));
     }
     let ours = median(ours);
     let raw = median(raw);
     let redis = ctx.median_of(redis);
-    let figures = json!({"ops": n, "batch_ops": 100, "in_flight": 8, "capsync_ops_per_s": ours, "outbox_commit_share": median(enqueue_share),
-        "raw_sqlite_ops_per_s": raw, "redis_ops_per_s": redis});
+    let (raw_key, raw_name) = if raw_pg.is_some() {
+        ("raw_postgres_ops_per_s", "S1 batched push vs raw tokio-postgres loop")
+    } else {
+        ("raw_sqlite_ops_per_s", "S1 batched push vs raw rusqlite loop")
+    };
+    let mut figures = json!({"ops": n, "batch_ops": 100, "in_flight": 8, "capsync_ops_per_s": ours, "outbox_commit_share": median(enqueue_share),
+        "redis_ops_per_s": redis});
+    figures[raw_key] = json!(raw);
     let rows = vec![
         Row::ratio("S1 batched push vs Redis XADD -P 100", ours, redis, "ops/s", ">= 1.0x", 1.0),
-        Row::ratio("S1 batched push vs raw rusqlite loop", ours, Some(raw), "ops/s", ">= 0.7x", 0.7),
+        Row::ratio(raw_name, ours, Some(raw), "ops/s", ">= 0.7x", 0.7),
     ];
     Ok((figures, rows, ours))
 }
 
 pub async fn s2(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
-    let (clients, per_client) = (32u64, if ctx.quick { 100 } else { 300 });
-    let server = BenchServer::start(&ctx.dir.join("s2"))?;
+    let (clients, per_client) = s2_size(ctx);
+    let server = ctx.server("s2").await?;
     let (mut ours, mut redis) = (Vec::new(), Vec::new());
     for _ in 0..ctx.rounds {
-        let (_, owner) = server.session().await?;
-        let mut conns = Vec::new();
-        for _ in 0..clients {
-            let conn = Connection::open(&server.addr).await?;
-            let (session, grant) = conn.session(&owner);
-            grant.await?;
-            conns.push((conn, session));
-        }
-        let started = Instant::now();
-        let tasks: Vec<_> = conns
-            .iter()
-            .map(|(_, session)| {
-                let session = session.clone();
-                tokio::task::spawn_local(async move {
-                    let client = *uuid::Uuid::new_v4().as_bytes();
-                    for seq in 1..=per_client {
-                        append_one(&session, &client, seq).await?;
-                    }
-                    Ok::<_, anyhow::Error>(())
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await??;
-        }
-        ours.push((clients * per_client) as f64 / started.elapsed().as_secs_f64());
+        ours.push(s2_round(&[&server], clients, per_client).await?);
         redis.push(ctx.redis(clients as u32, 1, clients * per_client).map(|r| r.0));
     }
     let (ours, redis) = (median(ours), ctx.median_of(redis));
@@ -110,10 +103,53 @@ pub async fn s2(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     Ok((figures, vec![Row::ratio("S2 32 writers, 1-op batches vs Redis -c 32", ours, redis, "ops/s", ">= 1.0x", 1.0)]))
 }
 
+/// S2's writers and ops per writer.
+fn s2_size(ctx: &Ctx) -> (u64, u64) {
+    (32, if ctx.quick { 100 } else { 300 })
+}
+
+/// One round of S2 on a new session: `clients` connections spread over `nodes` in turn (all on
+/// one database), each appending `per_client` 1-op batches one at a time. Ops/s.
+async fn s2_round(nodes: &[&BenchServer], clients: u64, per_client: u64) -> anyhow::Result<f64> {
+    let (_, owner) = nodes[0].session().await?;
+    let mut conns = Vec::new();
+    for i in 0..clients as usize {
+        let conn = Connection::open(&nodes[i % nodes.len()].addr).await?;
+        let (session, grant) = conn.session(&owner);
+        grant.await?;
+        conns.push((conn, session));
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = conns
+        .iter()
+        .map(|(_, session)| {
+            let session = session.clone();
+            tokio::task::spawn_local(async move {
+                let client = *uuid::Uuid::new_v4().as_bytes();
+                for seq in 1..=per_client {
+                    append_one(&session, &client, seq).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok((clients * per_client) as f64 / started.elapsed().as_secs_f64())
+}
+
 pub async fn s3(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     let n = if ctx.quick { 300 } else { 2000 };
-    let server = BenchServer::start(&ctx.dir.join("s3"))?;
+    let server = ctx.server("s3").await?;
+    // On PostgreSQL: its own single-row durable insert, alternating with capsync's rounds, and
+    // the raw append loop with 1-op batches, on a database of their own.
+    let raw_pg = match ctx.store("s3-raw").await? {
+        Some(url) => Some(pg::Raw::open(&url).await?),
+        None => None,
+    };
     let (mut p50s, mut p99s, mut redis) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut insert_p50s, mut insert_p99s) = (Vec::new(), Vec::new());
     for _ in 0..ctx.rounds {
         let (_, owner) = server.session().await?;
         let conn = Connection::open(&server.addr).await?;
@@ -130,8 +166,35 @@ pub async fn s3(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
         p50s.push(ms(quantile(&latencies, 0.5)));
         p99s.push(ms(quantile(&latencies, 0.99)));
         redis.push(ctx.redis(1, 1, n).map(|r| r.1));
+        if let Some(raw_pg) = &raw_pg {
+            let (p50, p99) = raw_pg.insert_latency(n).await?;
+            insert_p50s.push(p50);
+            insert_p99s.push(p99);
+        }
     }
     let (p50, p99, redis_p50) = (median(p50s), median(p99s), ctx.median_of(redis));
+    if let Some(raw_pg) = &raw_pg {
+        // The storage floor: the store's append SQL for one 1-op batch, alone.
+        let raw_append = 1000.0 / raw_pg.append_loop(n, 1).await?;
+        let (insert_p50, insert_p99) = (median(insert_p50s), median(insert_p99s));
+        let figures = json!({
+            "ops": n,
+            "capsync_p50_ms": p50,
+            "capsync_p99_ms": p99,
+            "redis_p50_ms": redis_p50,
+            "postgres_insert_p50_ms": insert_p50,
+            "postgres_insert_p99_ms": insert_p99,
+            "raw_postgres_one_op_append_ms": raw_append,
+        });
+        let mut redis_row = Row::ratio("S3 ack latency p50 vs Redis p50", p50, redis_p50, "ms", "<= 2.0x", 0.0);
+        redis_row.met = redis_p50.map(|r| p50 <= 2.0 * r);
+        redis_row.measured = format!("p50 {p50:.2} ms, p99 {p99:.2} ms");
+        let mut row = Row::ratio("S3 ack p50 vs PostgreSQL 1-row INSERT p50", p50, Some(insert_p50), "ms", "<= 2.0x", 0.0);
+        row.met = Some(p50 <= 2.0 * insert_p50);
+        row.measured = format!("p50 {p50:.2} ms (raw append {raw_append:.3})");
+        row.baseline = format!("{insert_p50:.3} ms");
+        return Ok((figures, vec![redis_row, row]));
+    }
     let handoff = handoff_round_trip(n).await;
     // The storage floor: the server's own write path for one 1-op batch, alone.
     let raw_dir = ctx.dir.join("s3-raw");
@@ -181,11 +244,15 @@ async fn handoff_round_trip(n: u64) -> f64 {
 pub async fn s4(ctx: &Ctx, empty_rate: f64) -> anyhow::Result<(Value, Vec<Row>)> {
     let (stored, n, replay_n) = if ctx.quick { (100_000, 10_000, 20_000) } else { (1_000_000, 50_000, 100_000) };
     let data = ctx.dir.join("s4");
-    let mut server = BenchServer::start(&data)?;
+    let store = ctx.store("s4").await?;
+    let mut server = BenchServer::start(&data, store.as_deref())?;
     let (session_id, owner) = server.session().await?;
     server.stop()?;
-    harness::preload(&data, &session_id, stored)?;
-    let server = BenchServer::start(&data)?;
+    match &store {
+        Some(url) => pg::preload(url, &session_id, stored).await?,
+        None => harness::preload(&data, &session_id, stored)?,
+    }
+    let server = BenchServer::start(&data, store.as_deref())?;
     let mut loaded = Vec::new();
     for round in 0..ctx.rounds {
         loaded.push(push(ctx, &server, &owner, n, &format!("s4r{round}")).await?.0);
@@ -211,7 +278,7 @@ pub async fn s4(ctx: &Ctx, empty_rate: f64) -> anyhow::Result<(Value, Vec<Row>)>
 
 pub async fn s5(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     let n = if ctx.quick { 300 } else { 1000 };
-    let server = BenchServer::start(&ctx.dir.join("s5"))?;
+    let server = ctx.server("s5").await?;
     let (_, owner) = server.session().await?;
     let before = server.rss_kib();
     let mut held = Vec::new();
@@ -250,7 +317,7 @@ impl listener::Server for Stamp {
 }
 
 pub async fn s6(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
-    let server = BenchServer::start(&ctx.dir.join("s6"))?;
+    let server = ctx.server("s6").await?;
     let (_, owner) = server.session().await?;
     let (subscribers, ops) = (100usize, if ctx.quick { 300 } else { 2000 });
     let sent = Rc::new(RefCell::new(vec![None; ops + 1]));
@@ -292,7 +359,7 @@ pub async fn s6(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
 }
 
 pub async fn s7(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
-    let server = BenchServer::start(&ctx.dir.join("s7"))?;
+    let server = ctx.server("s7").await?;
     let (_, owner) = server.session().await?;
     let setup = Connection::open(&server.addr).await?;
     let (session, _) = setup.session(&owner);
@@ -367,7 +434,7 @@ async fn append_many(session: &session::Client, client: &[u8; 16], seq: u64, n: 
 /// a revocation is taken ahead of every queued append, so its call should cost about one
 /// group commit, not the whole queue. Reported against the latency of an append in that load.
 pub async fn s7w(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
-    let server = BenchServer::start(&ctx.dir.join("s7w"))?;
+    let server = ctx.server("s7w").await?;
     let (_, owner) = server.session().await?;
     let setup = Connection::open(&server.addr).await?;
     let (session, _) = setup.session(&owner);
@@ -450,7 +517,7 @@ async fn mint(session: &session::Client, label: &str) -> anyhow::Result<(Token, 
 }
 
 pub async fn s8(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
-    let server = BenchServer::start(&ctx.dir.join("s8"))?;
+    let server = ctx.server("s8").await?;
     let proxy = DelayProxy::start(&server.addr)?;
     let one_way = 20;
     let mut trips = Vec::new();
@@ -474,5 +541,132 @@ pub async fn s8(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     let figures = json!({"one_way_delay_ms": one_way, "batches": 10, "round_trips": trips});
     let mut row = Row::ratio("S8 reconnect + replay 10 batches", trips, None, "RTT", "<= 1.5 RTT", 0.0);
     row.met = Some(trips <= 1.5);
+    Ok((figures, vec![row]))
+}
+
+/// S9: cross-node revocation. Two nodes on one database; a share with ten child shares, each
+/// child redeemed 100 times on node A (1,000 live capabilities over 10 connections); the share
+/// is revoked through node B's admin. Measured from `revokeShare` returning on B until the
+/// last of the 1,000 capabilities has failed a call with `capsync/revoked` on A: every
+/// capability not yet failing is probed again (one `info` call each, all at once) until none
+/// answers. Repeated with a new share each time; p50 and p99 over the repetitions.
+pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
+    use anyhow::Context as _;
+    let url = ctx.store("s9").await?.context("S9 needs PostgreSQL")?;
+    let a = BenchServer::start(&ctx.dir.join("s9-a"), Some(&url))?;
+    let b = BenchServer::start(&ctx.dir.join("s9-b"), Some(&url))?;
+    let repetitions = if ctx.quick { 5 } else { 20 };
+    let setup_b = Connection::open(&b.addr).await?;
+    let (admin_b, _) = setup_b.admin(&b.admin.token);
+    let (_, owner) = a.session().await?;
+    let setup_a = Connection::open(&a.addr).await?;
+    let (session, _) = setup_a.session(&owner);
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(Connection::open(&a.addr).await?);
+    }
+    let is_revoked = |r: &Result<_, capnp::Error>| matches!(r, Err(e) if capsync_schema::marker::of_error(e) == Some(Marker::Revoked));
+    let (mut calls, mut lasts, mut floors, mut sweeps, mut first_sweep_revoked) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..repetitions {
+        let share = mint(&session, &format!("s9-{rep}")).await?;
+        let (parent, _) = setup_a.session(&share.0);
+        let mut children = Vec::new();
+        for i in 0..10 {
+            children.push(mint(&parent, &format!("s9-{rep}-child{i}")).await?.0);
+        }
+        let mut caps = Vec::new();
+        for conn in &conns {
+            let mut grants = Vec::new();
+            for child in &children {
+                for _ in 0..10 {
+                    let (cap, grant) = conn.session(child);
+                    caps.push(cap);
+                    grants.push(grant);
+                }
+            }
+            for grant in futures::future::join_all(grants).await {
+                grant?;
+            }
+        }
+        let started = Instant::now();
+        let mut request = admin_b.revoke_share_request();
+        request.get().set_share_id(share.1.as_str());
+        request.send().promise.await?;
+        let returned = Instant::now();
+        let mut pending: Vec<&session::Client> = caps.iter().collect();
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            anyhow::ensure!(returned.elapsed() < Duration::from_secs(30), "s9: {} capabilities on A still answer 30 s after the revocation", pending.len());
+            rounds += 1;
+            let results = futures::future::join_all(pending.iter().map(|cap| cap.info_request().send().promise)).await;
+            let before = pending.len();
+            let mut still = Vec::new();
+            for (cap, result) in pending.into_iter().zip(results) {
+                match result {
+                    Ok(_) => still.push(cap),
+                    Err(e) if capsync_schema::marker::of_error(&e) == Some(Marker::Revoked) => {}
+                    Err(e) => anyhow::bail!("s9: a probe failed with something else than capsync/revoked: {e}"),
+                }
+            }
+            if rounds == 1 {
+                first_sweep_revoked.push((before - still.len()) as f64);
+            }
+            pending = still;
+        }
+        let last = returned.elapsed();
+        // The floor: the same 1,000 calls again, every one already failing.
+        let probed = Instant::now();
+        let again = futures::future::join_all(caps.iter().map(|cap| cap.info_request().send().promise)).await;
+        floors.push(probed.elapsed());
+        anyhow::ensure!(again.iter().all(is_revoked), "s9: a revoked capability answered");
+        calls.push(returned - started);
+        lasts.push(last);
+        sweeps.push(rounds as f64);
+    }
+    let mut sorted = lasts.clone();
+    sorted.sort();
+    floors.sort();
+    calls.sort();
+    let (p50, p99) = (ms(quantile(&sorted, 0.5)), ms(quantile(&sorted, 0.99)));
+    let floor = ms(quantile(&floors, 0.5));
+    let figures = json!({
+        "nodes": 2,
+        "capabilities": 1000,
+        "connections_on_a": conns.len(),
+        "repetitions": repetitions,
+        "revoke_return_to_last_failure_ms": lasts.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "revoke_call_p50_ms": ms(quantile(&calls, 0.5)),
+        "probe_floor_p50_ms": floor,
+        "probe_sweeps_median": median(sweeps),
+        "revoked_in_first_sweep_median": median(first_sweep_revoked),
+    });
+    let mut row = Row::ratio("S9 revoke on B: last of 1,000 caps on A fails", p99, Some(floor), "ms", "p99 <= 50 ms", 0.0);
+    row.measured = format!("p50 {p50:.1} ms, p99 {p99:.1} ms");
+    row.baseline = format!("probe floor {floor:.1} ms");
+    row.met = Some(p99 <= 50.0);
+    Ok((figures, vec![row]))
+}
+
+/// S10: S2 (32 writers on one session, 1-op batches) against one node, and against two nodes
+/// on one database with the writers spread over both; alternating rounds, each setup on a
+/// fresh database of its own.
+pub async fn s10(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
+    use anyhow::Context as _;
+    let (clients, per_client) = s2_size(ctx);
+    let url_one = ctx.store("s10-1").await?.context("S10 needs PostgreSQL")?;
+    let one = BenchServer::start(&ctx.dir.join("s10-1"), Some(&url_one))?;
+    let url_two = ctx.store("s10-2").await?.context("S10 needs PostgreSQL")?;
+    let a = BenchServer::start(&ctx.dir.join("s10-2a"), Some(&url_two))?;
+    let b = BenchServer::start(&ctx.dir.join("s10-2b"), Some(&url_two))?;
+    let (mut singles, mut doubles) = (Vec::new(), Vec::new());
+    for _ in 0..ctx.rounds {
+        singles.push(s2_round(&[&one], clients, per_client).await?);
+        doubles.push(s2_round(&[&a, &b], clients, per_client).await?);
+    }
+    let (single, double) = (median(singles), median(doubles));
+    let figures = json!({"clients": clients, "ops_per_client": per_client, "one_node_ops_per_s": single, "two_nodes_ops_per_s": double});
+    let row = Row::ratio("S10 S2 on 2 nodes vs 1 node, one PostgreSQL", double, Some(single), "ops/s", "reported", 0.0);
     Ok((figures, vec![row]))
 }

@@ -1,0 +1,301 @@
+//! The bench on PostgreSQL: where the databases come from (a throwaway cluster, or a server the
+//! user names), and the baselines that talk to PostgreSQL with nothing of capsync in between:
+//! the raw tokio-postgres loop doing the store's append SQL, and PostgreSQL's own single-row
+//! durable insert.
+
+use super::harness::{ms, payload, quantile};
+use anyhow::Context as _;
+use capsync_persistence::{Entity, EntityKind, IncomingBatch, IncomingOp, OpBody, OpOutcome, OpStatus};
+use capsync_store_postgres::{append_sql as sql, migrate, notify, testing, PgStore};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Instant;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// Where each scenario's fresh database is made.
+pub enum PgTarget {
+    /// A cluster of this process (`capsync_store_postgres::testing`): initdb in a temp dir,
+    /// a free port, trust auth, `fsync=on`; stopped and removed when the bench exits.
+    Cluster,
+    /// A server the user runs: databases `capsync_bench_<pid>_<n>` are created through this
+    /// URL (its role needs CREATEDB) and dropped at the end.
+    Url { url: String, made: RefCell<Vec<String>> },
+}
+
+impl PgTarget {
+    /// Starts the cluster (or checks the URL answers); returns a line saying what runs.
+    pub async fn open(&self) -> anyhow::Result<String> {
+        let url = match self {
+            PgTarget::Cluster => {
+                // The harness panics with a clear message when it cannot start a cluster.
+                let port = std::panic::catch_unwind(|| testing::cluster().port)
+                    .map_err(|_| anyhow::anyhow!("the throwaway PostgreSQL cluster did not start (see above)"))?;
+                format!("postgres://{}@127.0.0.1:{port}/postgres", testing::USER)
+            }
+            PgTarget::Url { url, .. } => url.clone(),
+        };
+        let client = connect(&url).await?;
+        let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+        let settings = client
+            .query_one(
+                "SELECT current_setting('fsync'), current_setting('synchronous_commit'), current_setting('shared_buffers')",
+                &[],
+            )
+            .await?;
+        let (fsync, sync_commit, buffers): (String, String, String) = (settings.get(0), settings.get(1), settings.get(2));
+        let what = match self {
+            PgTarget::Cluster => "a throwaway cluster on 127.0.0.1",
+            PgTarget::Url { .. } => "the server of --store",
+        };
+        Ok(format!("PostgreSQL {version}, {what} (fsync={fsync}, synchronous_commit={sync_commit}, shared_buffers={buffers})"))
+    }
+
+    /// A new, empty database; returns its URL.
+    pub async fn fresh_database(&self) -> anyhow::Result<String> {
+        match self {
+            PgTarget::Cluster => Ok(testing::fresh_database()),
+            PgTarget::Url { url, made } => {
+                let name = format!("capsync_bench_{}_{}", std::process::id(), made.borrow().len() + 1);
+                let client = connect(url).await?;
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .with_context(|| format!("CREATE DATABASE {name} (the --store role needs CREATEDB)"))?;
+                made.borrow_mut().push(name.clone());
+                with_database(url, &name)
+            }
+        }
+    }
+
+    /// Drops the databases made through a URL (the cluster goes away as a whole).
+    pub async fn cleanup(&self) {
+        if let PgTarget::Url { url, made } = self {
+            let names = made.take();
+            if names.is_empty() {
+                return;
+            }
+            match connect(url).await {
+                Ok(client) => {
+                    for name in names {
+                        if let Err(err) = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+                            eprintln!("capsync bench: could not drop database {name}: {err}");
+                        }
+                    }
+                }
+                Err(err) => eprintln!("capsync bench: could not drop the bench databases: {err:#}"),
+            }
+        }
+    }
+}
+
+/// `url` (`postgres://[userinfo@]host[:port][/db][?params]`) naming database `db` instead.
+fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let scheme_end = url.find("://").context("the --store URL has no scheme")? + 3;
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let after = &rest[authority_end..];
+    let query = after.find('?').map(|q| &after[q..]).unwrap_or("");
+    Ok(format!("{}{}/{db}{query}", &url[..scheme_end], &rest[..authority_end]))
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A connection to a database with capsync's schema, as the raw baselines use.
+pub struct Raw {
+    client: Client,
+}
+
+impl Raw {
+    /// Connects to `url` and brings its schema to the store's (the same migrations).
+    pub async fn open(url: &str) -> anyhow::Result<Raw> {
+        let mut client = connect(url).await?;
+        migrate::run(&mut client).await?;
+        Ok(Raw { client })
+    }
+
+    /// The raw loop: the SQL of the store's append (`store-postgres/src/append.rs`), as the
+    /// store sends it (the same statements, prepared once; the same pipelining), for `ops` puts
+    /// of ~200 bytes in batches of `batch` on one connection, one transaction per batch, on a new
+    /// session. No RPC, no pool, no capsync process. Ops/s.
+    pub async fn append_loop(&self, ops: u64, batch: u64) -> anyhow::Result<f64> {
+        let c = &self.client;
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let sid: i64 = c
+            .query_one(
+                "INSERT INTO sessions (id, title, created_at) VALUES ($1, 'raw', $2) RETURNING sid",
+                &[&session_id, &(capsync_store_postgres::now_ms() as i64)],
+            )
+            .await?
+            .get(0);
+        let client_id = *uuid::Uuid::new_v4().as_bytes();
+        let batches: Vec<IncomingBatch> = (0..ops)
+            .step_by(batch as usize)
+            .enumerate()
+            .map(|(i, start)| IncomingBatch { client_id, batch_seq: i as u64 + 1, ops: puts(start..(start + batch).min(ops), "raw") })
+            .collect();
+        let s = Statements::prepare(c).await?;
+        let started = Instant::now();
+        for b in &batches {
+            s.append(c, sid, b).await?;
+        }
+        Ok(ops as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// PostgreSQL's own durable write, alone: `n` single-row INSERTs of ~200 bytes, each its own
+    /// transaction (autocommit: one round trip whose COMMIT waits for the WAL flush), one after
+    /// the other on one connection. (p50 ms, p99 ms).
+    pub async fn insert_latency(&self, n: u64) -> anyhow::Result<(f64, f64)> {
+        let c = &self.client;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS bench_insert (id BIGSERIAL PRIMARY KEY, data BYTEA NOT NULL)").await?;
+        let insert = c.prepare("INSERT INTO bench_insert (data) VALUES ($1)").await?;
+        let mut latencies = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let data = payload(i);
+            let started = Instant::now();
+            c.execute(&insert, &[&data]).await?;
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        Ok((ms(quantile(&latencies, 0.5)), ms(quantile(&latencies, 0.99))))
+    }
+}
+
+/// The statements of the store's append, its own texts (`capsync_store_postgres::append_sql`).
+struct Statements {
+    lock: tokio_postgres::Statement,
+    last: tokio_postgres::Statement,
+    seen: tokio_postgres::Statement,
+    log: tokio_postgres::Statement,
+    put: tokio_postgres::Statement,
+    cursor: tokio_postgres::Statement,
+    batch: tokio_postgres::Statement,
+    notify: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(c: &Client) -> anyhow::Result<Statements> {
+        Ok(Statements {
+            lock: c.prepare(sql::LOCK).await?,
+            last: c.prepare(sql::LAST_BATCH).await?,
+            seen: c.prepare(sql::SEEN).await?,
+            log: c.prepare(sql::LOG).await?,
+            put: c.prepare(sql::PUT).await?,
+            cursor: c.prepare(sql::CURSOR).await?,
+            batch: c.prepare(sql::BATCH).await?,
+            notify: c.prepare(sql::NOTIFY).await?,
+        })
+    }
+
+    /// One batch of new puts of messages, as `append.rs` applies it: BEGIN; the session row
+    /// `FOR UPDATE`; the client's last batchSeq and the opIds seen before in one pipelined
+    /// round trip; the decisions in memory; the op log by `unnest` and each
+    /// entity's upsert, pipelined; the cursor, the batch record and the advance notice,
+    /// pipelined; COMMIT.
+    async fn append(&self, c: &Client, sid: i64, batch: &IncomingBatch) -> anyhow::Result<()> {
+        c.batch_execute("BEGIN").await?;
+        let row = c.query_one(&self.lock, &[&sid]).await?;
+        let mut cursor: i64 = row.get(2);
+        let client_id = &batch.client_id[..];
+        let op_ids = capsync_persistence::replay::encode_op_ids(batch);
+        let seen_ids: Vec<&[u8]> = batch.ops.iter().map(|op| &op.op_id[..]).collect();
+        // No parts, so no parents to read (the store skips that read then too).
+        let (last_params, seen_params): ([Param<'_>; 2], [Param<'_>; 2]) = ([&sid, &client_id], [&sid, &seen_ids]);
+        let (last, seen_rows) = futures::try_join!(c.query_opt(&self.last, &last_params), c.query(&self.seen, &seen_params))?;
+        let last = last.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
+        anyhow::ensure!(last + 1 == batch.batch_seq, "the raw loop's batches are out of order");
+        let mut seen: HashMap<Vec<u8>, (Vec<u8>, u64)> = seen_rows
+            .iter()
+            .map(|r| (r.get::<_, Vec<u8>>(0), (r.get::<_, Vec<u8>>(1), r.get::<_, i64>(2) as u64)))
+            .collect();
+        let (mut seqs, mut hashes, mut results) = (Vec::new(), Vec::new(), Vec::new());
+        let mut entities: Vec<&Entity> = Vec::new();
+        for op in &batch.ops {
+            let Ok(body @ OpBody::Put(entity)) = &op.body else { anyhow::bail!("the raw loop only puts") };
+            let hash = body.payload_hash();
+            anyhow::ensure!(!seen.contains_key(&op.op_id), "the raw loop's opIds are new");
+            cursor += 1;
+            seen.insert(op.op_id.clone(), (hash.to_vec(), cursor as u64));
+            seqs.push(cursor);
+            hashes.push(hash);
+            entities.push(entity);
+            results.push(OpOutcome { op_id: op.op_id.clone(), status: OpStatus::Applied, seq: cursor as u64, reason: String::new() });
+        }
+        let op_id_list: Vec<&[u8]> = batch.ops.iter().map(|op| &op.op_id[..]).collect();
+        let hash_list: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
+        let deletes = vec![false; entities.len()];
+        let kinds: Vec<i16> = entities.iter().map(|e| e.kind.code() as i16).collect();
+        let ids: Vec<&str> = entities.iter().map(|e| e.id.as_str()).collect();
+        let parent_ids: Vec<&str> = entities.iter().map(|e| e.parent_id.as_str()).collect();
+        let datas: Vec<&[u8]> = entities.iter().map(|e| &e.data[..]).collect();
+        let log_params: [Param<'_>; 9] = [&sid, &seqs, &op_id_list, &hash_list, &deletes, &kinds, &ids, &parent_ids, &datas];
+        let puts: Vec<[Param<'_>; 6]> =
+            (0..entities.len()).map(|i| [&sid as Param<'_>, &kinds[i], &ids[i], &parent_ids[i], &datas[i], &seqs[i]]).collect();
+        futures::try_join!(
+            c.execute(&self.log, &log_params),
+            futures::future::try_join_all(puts.iter().map(|p| c.execute(&self.put, p))),
+        )?;
+        let results_blob = capsync_persistence::replay::encode_results(&results);
+        let batch_seq = batch.batch_seq as i64;
+        let payload = notify::advance_payload(sid, cursor);
+        let cursor_params: [Param<'_>; 2] = [&sid, &cursor];
+        let batch_params: [Param<'_>; 5] = [&sid, &client_id, &batch_seq, &op_ids, &results_blob];
+        let notify_params: [Param<'_>; 2] = [&notify::ADVANCE_CHANNEL, &payload];
+        futures::try_join!(
+            c.execute(&self.cursor, &cursor_params),
+            c.execute(&self.batch, &batch_params),
+            c.execute(&self.notify, &notify_params),
+        )?;
+        c.batch_execute("COMMIT").await?;
+        Ok(())
+    }
+}
+
+/// Appends `ops` puts to a session directly through the store, in batches of 10,000 (S4's
+/// preloaded session on PostgreSQL).
+pub async fn preload(url: &str, session_id: &str, ops: u64) -> anyhow::Result<()> {
+    let store = PgStore::connect(url).await?;
+    let sid = store.session(session_id).await?.context("the preloaded session is missing")?.sid;
+    let client_id = *uuid::Uuid::new_v4().as_bytes();
+    for (i, start) in (0..ops).step_by(10_000).enumerate() {
+        let batch = IncomingBatch { client_id, batch_seq: i as u64 + 1, ops: puts(start..(start + 10_000).min(ops), "pre") };
+        store.append(sid, session_id, &batch, &[]).await?;
+    }
+    Ok(())
+}
+
+fn puts(range: std::ops::Range<u64>, prefix: &str) -> Vec<IncomingOp> {
+    range
+        .map(|i| IncomingOp {
+            op_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+            body: Ok(OpBody::Put(Entity { kind: EntityKind::Message, id: format!("{prefix}{i}"), parent_id: String::new(), data: payload(i) })),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn a_url_names_another_database() {
+        let cases = [
+            ("postgres://u:p@h:5432/app", "postgres://u:p@h:5432/x"),
+            ("postgresql://h/app?sslmode=require", "postgresql://h/x?sslmode=require"),
+            ("postgres://u@h:1", "postgres://u@h:1/x"),
+            ("postgres://h?application_name=a", "postgres://h/x?application_name=a"),
+            ("postgres://[::1]:5432/app", "postgres://[::1]:5432/x"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(with_database(url, "x").unwrap(), want, "{url}");
+        }
+    }
+}
