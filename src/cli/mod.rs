@@ -154,7 +154,15 @@ pub fn init_logging(cli: &Cli) {
         _ => "warn",
     };
     let filter = std::env::var("RUST_LOG").ok().or_else(|| cli.log.clone()).unwrap_or_else(|| default.to_owned());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // mio logs every poller registration at trace level once its `log` feature is on (the
+    // `notify` crate of `capsync watch` turns it on for the whole binary): silenced unless the
+    // filter names mio itself.
+    if !std::env::var("RUST_LOG").ok().or_else(|| cli.log.clone()).is_some_and(|f| f.contains("mio")) {
+        if let Ok(directive) = "mio=off".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match cli.log_format {
         LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
