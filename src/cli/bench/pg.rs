@@ -109,6 +109,52 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
+/// A connection of the bench's own that LISTENs on `channel` of the database at `url`, on a
+/// thread and runtime of its own (so the scenario's work on the bench's thread does not delay
+/// its clock): each notification's payload with the time it was read. Listens until the
+/// receiver is dropped and the next notification comes, or the bench exits.
+pub fn listen(url: &str, channel: &str) -> anyhow::Result<std::sync::mpsc::Receiver<(Instant, String)>> {
+    let (url, listen) = (url.to_owned(), format!("LISTEN {channel}"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(err) => return drop(ready_tx.send(Err(anyhow::Error::from(err)))),
+        };
+        runtime.block_on(async move {
+            use futures::StreamExt as _;
+            let (client, mut connection) = match tokio_postgres::connect(&url, NoTls).await {
+                Ok(pair) => pair,
+                Err(err) => return drop(ready_tx.send(Err(err.into()))),
+            };
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let subscribe = client.batch_execute(&listen);
+            tokio::pin!(subscribe);
+            // The connection is only driven by polling `messages`: drive both until LISTEN is in.
+            loop {
+                tokio::select! {
+                    done = &mut subscribe => {
+                        let _ = ready_tx.send(done.map_err(anyhow::Error::from));
+                        break;
+                    }
+                    message = messages.next() => if message.is_none() { return; },
+                }
+            }
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    if tx.send((Instant::now(), n.payload().to_owned())).is_err() {
+                        return;
+                    }
+                }
+            }
+            // `client` lives until here: dropping it would end the connection.
+        });
+    });
+    ready.recv().context("the listening thread ended")??;
+    Ok(rx)
+}
+
 /// A connection to a database with capsync's schema, as the raw baselines use.
 pub struct Raw {
     client: Client,

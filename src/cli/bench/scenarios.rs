@@ -549,13 +549,18 @@ pub async fn s8(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
 /// is revoked through node B's admin. Measured from `revokeShare` returning on B until the
 /// last of the 1,000 capabilities has failed a call with `capsync/revoked` on A: every
 /// capability not yet failing is probed again (one `info` call each, all at once) until none
-/// answers. Repeated with a new share each time; p50 and p99 over the repetitions.
+/// answers. Repeated with a new share each time; p50 and p99 over the repetitions. Beside it:
+/// the same 1,000 calls again once all fail (the probe's own cost), and when the revocation's
+/// notice reached a LISTEN connection of the bench's own, relative to the call's return.
 pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     use anyhow::Context as _;
     let url = ctx.store("s9").await?.context("S9 needs PostgreSQL")?;
     let a = BenchServer::start(&ctx.dir.join("s9-a"), Some(&url))?;
     let b = BenchServer::start(&ctx.dir.join("s9-b"), Some(&url))?;
     let repetitions = if ctx.quick { 5 } else { 20 };
+    // When the revocation's notice reaches a listener of the bench's own on the same database:
+    // what node A's listening connection waits for, without the probe.
+    let notices = pg::listen(&url, capsync_store_postgres::notify::REVOKE_CHANNEL)?;
     let setup_b = Connection::open(&b.addr).await?;
     let (admin_b, _) = setup_b.admin(&b.admin.token);
     let (_, owner) = a.session().await?;
@@ -567,6 +572,7 @@ pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
     }
     let is_revoked = |r: &Result<_, capnp::Error>| matches!(r, Err(e) if capsync_schema::marker::of_error(e) == Some(Marker::Revoked));
     let (mut calls, mut lasts, mut floors, mut sweeps, mut first_sweep_revoked) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut notice_after_return = Vec::new();
     for rep in 0..repetitions {
         let share = mint(&session, &format!("s9-{rep}")).await?;
         let (parent, _) = setup_a.session(&share.0);
@@ -588,6 +594,7 @@ pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
                 grant?;
             }
         }
+        while notices.try_recv().is_ok() {}
         let started = Instant::now();
         let mut request = admin_b.revoke_share_request();
         request.get().set_share_id(share.1.as_str());
@@ -609,11 +616,19 @@ pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
                 }
             }
             if rounds == 1 {
-                first_sweep_revoked.push((before - still.len()) as f64);
+                first_sweep_revoked.push(before - still.len());
             }
             pending = still;
         }
         let last = returned.elapsed();
+        let noticed = loop {
+            let (at, payload) =
+                notices.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow::anyhow!("s9: the revocation's notice never came"))?;
+            if payload.contains(share.1.as_str()) {
+                break at;
+            }
+        };
+        notice_after_return.push(if noticed >= returned { ms(noticed - returned) } else { -ms(returned - noticed) });
         // The floor: the same 1,000 calls again, every one already failing.
         let probed = Instant::now();
         let again = futures::future::join_all(caps.iter().map(|cap| cap.info_request().send().promise)).await;
@@ -621,10 +636,11 @@ pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
         anyhow::ensure!(again.iter().all(is_revoked), "s9: a revoked capability answered");
         calls.push(returned - started);
         lasts.push(last);
-        sweeps.push(rounds as f64);
+        sweeps.push(rounds);
     }
     let mut sorted = lasts.clone();
     sorted.sort();
+    let floors_in_order: Vec<f64> = floors.iter().map(|d| ms(*d)).collect();
     floors.sort();
     calls.sort();
     let (p50, p99) = (ms(quantile(&sorted, 0.5)), ms(quantile(&sorted, 0.99)));
@@ -638,9 +654,12 @@ pub async fn s9(ctx: &Ctx) -> anyhow::Result<(Value, Vec<Row>)> {
         "p50_ms": p50,
         "p99_ms": p99,
         "revoke_call_p50_ms": ms(quantile(&calls, 0.5)),
+        "probe_floor_ms": floors_in_order,
         "probe_floor_p50_ms": floor,
-        "probe_sweeps_median": median(sweeps),
-        "revoked_in_first_sweep_median": median(first_sweep_revoked),
+        "probe_sweeps": sweeps,
+        "notice_after_return_ms": notice_after_return,
+        "notice_after_return_p50_ms": median(notice_after_return.clone()),
+        "revoked_in_first_sweep": first_sweep_revoked,
     });
     let mut row = Row::ratio("S9 revoke on B: last of 1,000 caps on A fails", p99, Some(floor), "ms", "p99 <= 50 ms", 0.0);
     row.measured = format!("p50 {p50:.1} ms, p99 {p99:.1} ms");
