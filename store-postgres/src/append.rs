@@ -1,313 +1,209 @@
 //! Applying a batch: dedupe, replay, gap and divergence detection (DESIGN §5), the same rules
-//! as the SQLite store's `persistence/src/server/append.rs`, in one PostgreSQL transaction.
+//! as the SQLite store's `persistence/src/server/append.rs`, in one PostgreSQL transaction of
+//! one statement.
 //!
-//! Round trips are kept few: the reads a batch needs (the session lock and the guard, then the
-//! client's last batchSeq, which of its opIds were seen before, which parent messages exist)
-//! are pipelined, the per-op decisions are made in memory, and the writes are pipelined in op
-//! order (tokio-postgres sends requests in the order their futures are first polled, and the
-//! server runs them in that order).
+//! The whole append is the server-side function `capsync_append` (schema version 4,
+//! `v4-append.sql`): the session lock, the guard, the batchSeq rules, each op's decision and
+//! its writes, the batch record and the advance notice. A node calls it once per batch in
+//! autocommit, so a batch costs one round trip plus the commit's WAL flush; the several round
+//! trips of a client-driven transaction (BEGIN, the lock, the reads, the writes, COMMIT) were
+//! what kept a 1-op append at ~5× PostgreSQL's own single-row insert.
+//!
+//! **No answer before the commit.** In the extended query protocol an implicit transaction
+//! commits when the server processes the Sync that ends the call, and only then sends
+//! ReadyForQuery; tokio-postgres ends a query's row stream at ReadyForQuery, so the call's
+//! result is not returned before the commit is durable, and a commit that fails fails the
+//! call (`append_waits_for_its_commit` in `tests/store.rs` shows it with a check deferred to
+//! the commit).
+//!
+//! What needs no database is decided here, before the call: ops the protocol layer refused,
+//! and ids PostgreSQL text cannot hold (U+0000) or a session entity of another id, which the
+//! function applies only after the opId's dedupe (as the SQLite store orders its checks).
 
-use crate::{check_guard, Appended, GuardLink, PgError, Txn};
-use capsync_model::{BatchAck, EntityKind, IncomingBatch, LoggedOp, Op, OpBody, OpOutcome, OpStatus};
-use std::collections::{HashMap, HashSet};
+use crate::{Appended, GuardLink, GuardTarget, PgError};
+use capsync_model::{BatchAck, EntityKind, IncomingBatch, LoggedOp, Op, OpBody, OpStatus};
 use tokio_postgres::types::ToSql;
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
-/// The statements of an append, in the order it sends them (public so that `capsync bench`'s
-/// raw tokio-postgres baseline sends exactly these).
-///
-/// The reads that take a list (`SEEN`, `PARENTS`) look each element up through a `LATERAL`
-/// subquery with `LIMIT 1`, and the last batchSeq is read with `ORDER BY ... LIMIT 1`: forms
-/// whose only sensible plan is one unique-index probe per element, whatever the statistics.
-/// The plain forms (`op_id = ANY($2)`, `max(batch_seq)`) were planned, on a fresh database
-/// whose tables were still nearly empty, as a scan of the session's whole index range with a
-/// filter, and a pooled connection kept that generic plan until autovacuum's next ANALYZE:
-/// every append read every earlier op of its session (136 ms per 100-op batch at 50,000 ops).
+/// Statement texts (public so that `capsync bench`'s raw tokio-postgres baseline sends exactly
+/// what the store sends).
 pub mod sql {
-    /// Locks the session row: the appends of one session are serialised on every node.
-    pub const LOCK: &str = "SELECT id, epoch, cursor FROM sessions WHERE sid = $1 FOR UPDATE";
-    /// The client's last stored batchSeq (no row: none yet).
+    /// One batch's append (see `v4-append.sql` for the arguments and the outcomes).
+    pub const CALL: &str = "SELECT outcome, head, expected, results FROM capsync_append(
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+    /// The client's last stored batchSeq (no row: none yet). `ORDER BY ... LIMIT 1` rather
+    /// than `max()`: a plan no statistics can turn into a scan of the session's batches.
     pub const LAST_BATCH: &str =
         "SELECT batch_seq FROM client_batches WHERE sid = $1 AND client_id = $2 ORDER BY batch_seq DESC LIMIT 1";
-    /// Which of the batch's opIds were applied before, with their payload hash and seq.
-    pub const SEEN: &str = "SELECT o.op_id, o.payload_hash, o.seq FROM unnest($2::bytea[]) AS x (op_id)
-         CROSS JOIN LATERAL (SELECT op_id, payload_hash, seq FROM ops WHERE sid = $1 AND op_id = x.op_id LIMIT 1) o";
-    /// Which of the parents named by the batch's parts exist as messages.
-    pub const PARENTS: &str = "SELECT e.id FROM unnest($3::text[]) AS x (id)
-         CROSS JOIN LATERAL (SELECT id FROM entities WHERE sid = $1 AND kind = $2 AND id = x.id LIMIT 1) e";
-    /// The applied ops, into the log in one statement.
-    pub const LOG: &str = "INSERT INTO ops (sid, seq, op_id, payload_hash, is_delete, kind, entity_id, parent_id, data)
-         SELECT $1, * FROM unnest($2::bigint[], $3::bytea[], $4::bytea[], $5::boolean[], $6::smallint[],
-                                  $7::text[], $8::text[], $9::bytea[])";
-    /// One put's effect on the current entities.
-    pub const PUT: &str = "INSERT INTO entities (sid, kind, id, parent_id, data, seq) VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (sid, kind, id) DO UPDATE
-         SET parent_id = excluded.parent_id, data = excluded.data, seq = excluded.seq";
-    /// One delete's effect.
-    pub const DELETE: &str = "DELETE FROM entities WHERE sid = $1 AND kind = $2 AND id = $3";
-    /// A message's delete, which takes its parts with it (replicas apply the same rule).
-    pub const DELETE_MESSAGE: &str =
-        "DELETE FROM entities WHERE sid = $1 AND ((kind = $2 AND id = $3) OR (kind = $4 AND parent_id = $3))";
-    /// The session's new cursor.
-    pub const CURSOR: &str = "UPDATE sessions SET cursor = $2 WHERE sid = $1";
-    /// The batch's opIds and results, for replays.
-    pub const BATCH: &str =
-        "INSERT INTO client_batches (sid, client_id, batch_seq, op_ids, results) VALUES ($1, $2, $3, $4, $5)";
-    /// Other nodes' followers learn of the new ops at the commit: one notice per transaction.
-    pub const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 }
 
-pub(crate) async fn append(
-    tx: &Txn<'_>,
+/// The arguments of one `capsync_append` call, prepared from a batch: per op one element of
+/// each array (an op that cannot apply still has a slot, so indexes match the batch).
+pub struct AppendCall<'a> {
     sid: i64,
-    session_id: &str,
-    batch: &IncomingBatch,
-    guard: &[GuardLink],
-) -> Result<Appended, PgError> {
-    // The session lock serialises the appends of this session on every node; it is taken
-    // before any other row lock, so lock order is always session, then shares.
-    let lock = tx.prepare_cached(sql::LOCK).await?;
-    let row =
-        tx.query_opt(&lock, &[&sid]).await?.ok_or_else(|| PgError::Other(format!("no session with sid {sid}")))?;
-    let (locked_id, epoch, mut cursor): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    check_guard(tx, guard, Some((&locked_id, epoch as u64))).await?;
-
-    if batch.batch_seq == 0 {
-        return Err(PgError::ZeroBatchSeq);
-    }
-    let client_id = &batch.client_id[..];
-    let op_ids = capsync_model::replay::encode_op_ids(batch);
-    let batch_seq = batch.batch_seq as i64;
-
-    // What the per-op decisions need, in one pipelined round trip.
-    let seen_ids: Vec<&[u8]> = batch.ops.iter().filter(|op| op.body.is_ok()).map(|op| &op.op_id[..]).collect();
-    let parents: Vec<&str> = batch
-        .ops
-        .iter()
-        .filter_map(|op| match &op.body {
-            Ok(OpBody::Put(e)) if e.kind == EntityKind::Part && !e.parent_id.contains('\0') => {
-                Some(e.parent_id.as_str())
-            }
-            _ => None,
-        })
-        .collect();
-    let last_stmt = tx.prepare_cached(sql::LAST_BATCH).await?;
-    let seen_stmt = tx.prepare_cached(sql::SEEN).await?;
-    let parents_stmt = tx.prepare_cached(sql::PARENTS).await?;
-    let message_kind = EntityKind::Message.code() as i16;
-    let (last_params, seen_params, parents_params): ([Param<'_>; 2], [Param<'_>; 2], [Param<'_>; 3]) =
-        ([&sid, &client_id], [&sid, &seen_ids], [&sid, &message_kind, &parents]);
-    let parents_read = async {
-        if parents.is_empty() {
-            Ok(Vec::new())
-        } else {
-            tx.query(&parents_stmt, &parents_params).await
-        }
-    };
-    let (last, seen_rows, parent_rows) = futures::try_join!(
-        tx.query_opt(&last_stmt, &last_params),
-        tx.query(&seen_stmt, &seen_params),
-        parents_read,
-    )?;
-    let last = last.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
-    if batch.batch_seq <= last {
-        return replay(tx, sid, batch, &op_ids, cursor as u64).await;
-    }
-    if batch.batch_seq > last + 1 {
-        return Err(PgError::Gap { got: batch.batch_seq, expected: last + 1 });
-    }
-
-    // opId -> (payload hash, seq), kept up to date as ops of this batch apply, so a repeated
-    // opId inside one batch answers as it would in a later one.
-    let mut seen: HashMap<Vec<u8>, (Vec<u8>, u64)> = seen_rows
-        .iter()
-        .map(|r| (r.get::<_, Vec<u8>>(0), (r.get::<_, Vec<u8>>(1), r.get::<_, i64>(2) as u64)))
-        .collect();
-    // Which messages exist, as of the op being decided: the database's answer, then this
-    // batch's puts and deletes of messages.
-    let mut messages: HashSet<String> = parent_rows.iter().map(|r| r.get::<_, String>(0)).collect();
-
-    let mut results = Vec::with_capacity(batch.ops.len());
-    let mut applied: Vec<Applied<'_>> = Vec::new();
-    for op in &batch.ops {
-        let outcome =
-            |status, seq, reason: &str| OpOutcome { op_id: op.op_id.clone(), status, seq, reason: reason.to_owned() };
-        let body = match &op.body {
-            Ok(body) => body,
-            Err(reason) => {
-                results.push(outcome(OpStatus::Rejected, 0, reason));
-                continue;
-            }
-        };
-        let hash = body.payload_hash();
-        if let Some((seen_hash, seen_seq)) = seen.get(&op.op_id) {
-            results.push(if seen_hash[..] == hash[..] {
-                outcome(OpStatus::Duplicate, *seen_seq, "")
-            } else {
-                outcome(OpStatus::Conflict, 0, "this opId was applied before with a different payload")
-            });
-            continue;
-        }
-        if let Some(reason) = refuse(session_id, body, &messages) {
-            results.push(outcome(OpStatus::Rejected, 0, reason));
-            continue;
-        }
-        cursor += 1;
-        let seq = cursor as u64;
-        seen.insert(op.op_id.clone(), (hash.to_vec(), seq));
-        match body {
-            OpBody::Put(e) if e.kind == EntityKind::Message => {
-                messages.insert(e.id.clone());
-            }
-            OpBody::Delete { kind: EntityKind::Message, id } => {
-                messages.remove(id);
-            }
-            _ => {}
-        }
-        applied.push(Applied { seq: cursor, op_id: &op.op_id, body, hash });
-        results.push(outcome(OpStatus::Applied, seq, ""));
-    }
-
-    write_ops(tx, sid, &applied).await?;
-    let results_blob = capsync_model::replay::encode_results(&results);
-    let cursor_stmt = tx.prepare_cached(sql::CURSOR).await?;
-    let batch_stmt = tx.prepare_cached(sql::BATCH).await?;
-    let cursor_params: [Param<'_>; 2] = [&sid, &cursor];
-    let batch_params: [Param<'_>; 5] = [&sid, &client_id, &batch_seq, &op_ids, &results_blob];
-    // Other nodes' followers learn of the new ops at this commit: one notice per transaction.
-    let notify_stmt = tx.prepare_cached(sql::NOTIFY).await?;
-    let payload = crate::notify::advance_payload(sid, cursor);
-    let notify_params: [Param<'_>; 2] = [&crate::notify::ADVANCE_CHANNEL, &payload];
-    let notify = async {
-        if applied.is_empty() {
-            Ok(0)
-        } else {
-            tx.execute(&notify_stmt, &notify_params).await
-        }
-    };
-    futures::try_join!(
-        tx.execute(&cursor_stmt, &cursor_params),
-        tx.execute(&batch_stmt, &batch_params),
-        notify
-    )?;
-
-    let logged = applied
-        .iter()
-        .filter_map(|a| {
-            Some(LoggedOp { seq: a.seq as u64, op: Op { op_id: a.op_id.try_into().ok()?, body: a.body.clone() } })
-        })
-        .collect();
-    Ok(Appended { ack: BatchAck { cursor: cursor as u64, batch_seq: batch.batch_seq, results }, applied: logged })
+    guard_kinds: Vec<i16>,
+    guard_ids: Vec<&'a str>,
+    guard_epochs: Vec<i64>,
+    client_id: &'a [u8],
+    /// Clamped to i64: a larger batchSeq is a gap whatever was stored.
+    batch_seq: i64,
+    batch_op_ids: Vec<u8>,
+    op_ids: Vec<&'a [u8]>,
+    hashes: Vec<Vec<u8>>,
+    /// Refused by the protocol layer: rejected before any dedupe.
+    pre: Vec<Option<&'a str>>,
+    /// Refused without the database, applied only if the opId was not seen before.
+    post: Vec<Option<&'static str>>,
+    is_delete: Vec<bool>,
+    kinds: Vec<i16>,
+    entity_ids: Vec<&'a str>,
+    parent_ids: Vec<&'a str>,
+    datas: Vec<&'a [u8]>,
 }
 
-/// Why an op that is new cannot apply, if it cannot (the SQLite store's rules, plus U+0000,
-/// which PostgreSQL text cannot hold).
-fn refuse(session_id: &str, body: &OpBody, messages: &HashSet<String>) -> Option<&'static str> {
+impl<'a> AppendCall<'a> {
+    /// `session_id` is the id text of session `sid` (a session entity must carry it).
+    pub fn new(sid: i64, session_id: &str, batch: &'a IncomingBatch, guard: &'a [GuardLink]) -> AppendCall<'a> {
+        let n = batch.ops.len();
+        let mut call = AppendCall {
+            sid,
+            guard_kinds: Vec::with_capacity(guard.len()),
+            guard_ids: Vec::with_capacity(guard.len()),
+            guard_epochs: Vec::with_capacity(guard.len()),
+            client_id: &batch.client_id[..],
+            batch_seq: i64::try_from(batch.batch_seq).unwrap_or(i64::MAX),
+            batch_op_ids: capsync_model::replay::encode_op_ids(batch),
+            op_ids: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+            pre: Vec::with_capacity(n),
+            post: Vec::with_capacity(n),
+            is_delete: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            entity_ids: Vec::with_capacity(n),
+            parent_ids: Vec::with_capacity(n),
+            datas: Vec::with_capacity(n),
+        };
+        for link in guard {
+            let (kind, id) = match &link.target {
+                GuardTarget::Admin => (0, ""),
+                GuardTarget::Session(id) => (1, id.as_str()),
+                GuardTarget::Share(id) => (2, id.as_str()),
+                GuardTarget::Space(id) => (3, id.as_str()),
+            };
+            call.guard_kinds.push(kind);
+            call.guard_ids.push(id);
+            call.guard_epochs.push(link.expected as i64);
+        }
+        for op in &batch.ops {
+            call.op_ids.push(&op.op_id);
+            let body = match &op.body {
+                Ok(body) => body,
+                Err(reason) => {
+                    call.pre.push(Some(reason.as_str()));
+                    call.post.push(None);
+                    call.hashes.push(Vec::new());
+                    call.is_delete.push(false);
+                    call.kinds.push(0);
+                    call.entity_ids.push("");
+                    call.parent_ids.push("");
+                    call.datas.push(&[]);
+                    continue;
+                }
+            };
+            let (parent, data): (&str, &[u8]) = match body {
+                OpBody::Put(e) => (&e.parent_id, &e.data),
+                OpBody::Delete { .. } => ("", &[]),
+            };
+            let refusal = refuse(session_id, body);
+            // Text PostgreSQL cannot hold is never written: such an op is refused.
+            let text_ok = refusal != Some(NUL);
+            call.pre.push(None);
+            call.post.push(refusal);
+            call.hashes.push(body.payload_hash().to_vec());
+            call.is_delete.push(matches!(body, OpBody::Delete { .. }));
+            call.kinds.push(body.kind().code() as i16);
+            call.entity_ids.push(if text_ok { body.entity_id() } else { "" });
+            call.parent_ids.push(if text_ok { parent } else { "" });
+            call.datas.push(data);
+        }
+        call
+    }
+
+    /// The call's parameters, in `sql::CALL`'s order.
+    pub fn params(&self) -> [Param<'_>; 16] {
+        [
+            &self.sid,
+            &self.guard_kinds,
+            &self.guard_ids,
+            &self.guard_epochs,
+            &self.client_id,
+            &self.batch_seq,
+            &self.batch_op_ids,
+            &self.op_ids,
+            &self.hashes,
+            &self.pre,
+            &self.post,
+            &self.is_delete,
+            &self.kinds,
+            &self.entity_ids,
+            &self.parent_ids,
+            &self.datas,
+        ]
+    }
+}
+
+const NUL: &str = "ids must not contain U+0000";
+
+/// Why an op that is new cannot apply, when that needs no database: the SQLite store's rules
+/// plus U+0000, which PostgreSQL text cannot hold. (A part whose parent message does not exist
+/// is refused by the function, which knows the session's messages.)
+fn refuse(session_id: &str, body: &OpBody) -> Option<&'static str> {
     let parent = match body {
         OpBody::Put(e) => e.parent_id.as_str(),
         OpBody::Delete { .. } => "",
     };
     if body.entity_id().contains('\0') || parent.contains('\0') {
-        return Some("ids must not contain U+0000");
+        return Some(NUL);
     }
-    if let OpBody::Put(entity) = body {
-        if entity.kind == EntityKind::Session && entity.id != session_id {
-            return Some("a session entity's id must be the session id");
+    match body {
+        OpBody::Put(entity) if entity.kind == EntityKind::Session && entity.id != session_id => {
+            Some("a session entity's id must be the session id")
         }
-        if entity.kind == EntityKind::Part && !messages.contains(&entity.parent_id) {
-            return Some("a part's parent must be an existing message");
-        }
+        _ => None,
     }
-    None
 }
 
-/// An op this batch applies.
-struct Applied<'a> {
-    seq: i64,
-    op_id: &'a [u8],
-    body: &'a OpBody,
-    hash: [u8; 32],
-}
-
-/// Writes the applied ops: the log rows in one statement, then each op's effect on the current
-/// entities, pipelined in op order.
-async fn write_ops(tx: &Txn<'_>, sid: i64, applied: &[Applied<'_>]) -> Result<(), PgError> {
-    if applied.is_empty() {
-        return Ok(());
-    }
-    let log = tx.prepare_cached(sql::LOG).await?;
-    let put = tx.prepare_cached(sql::PUT).await?;
-    let delete = tx.prepare_cached(sql::DELETE).await?;
-    let delete_message = tx.prepare_cached(sql::DELETE_MESSAGE).await?;
-
-    let seqs: Vec<i64> = applied.iter().map(|a| a.seq).collect();
-    let op_ids: Vec<&[u8]> = applied.iter().map(|a| a.op_id).collect();
-    let hashes: Vec<&[u8]> = applied.iter().map(|a| &a.hash[..]).collect();
-    let deletes: Vec<bool> = applied.iter().map(|a| matches!(a.body, OpBody::Delete { .. })).collect();
-    let kinds: Vec<i16> = applied.iter().map(|a| a.body.kind().code() as i16).collect();
-    let ids: Vec<&str> = applied.iter().map(|a| a.body.entity_id()).collect();
-    let parents: Vec<&str> = applied
-        .iter()
-        .map(|a| match a.body {
-            OpBody::Put(e) => e.parent_id.as_str(),
-            OpBody::Delete { .. } => "",
-        })
-        .collect();
-    let datas: Vec<&[u8]> = applied
-        .iter()
-        .map(|a| match a.body {
-            OpBody::Put(e) => &e.data[..],
-            OpBody::Delete { .. } => &[][..],
-        })
-        .collect();
-    let part_kind = EntityKind::Part.code() as i16;
-
-    let params: Vec<(&tokio_postgres::Statement, Vec<Param<'_>>)> = applied
-        .iter()
-        .enumerate()
-        .map(|(i, a)| match a.body {
-            OpBody::Put(_) => (&put, vec![&sid as Param<'_>, &kinds[i], &ids[i], &parents[i], &datas[i], &seqs[i]]),
-            OpBody::Delete { kind: EntityKind::Message, .. } => {
-                (&delete_message, vec![&sid as Param<'_>, &kinds[i], &ids[i], &part_kind])
-            }
-            OpBody::Delete { .. } => (&delete, vec![&sid as Param<'_>, &kinds[i], &ids[i]]),
-        })
-        .collect();
-    let log_params: [Param<'_>; 9] = [&sid, &seqs, &op_ids, &hashes, &deletes, &kinds, &ids, &parents, &datas];
-    let log_write = tx.execute(&log, &log_params);
-    let entity_writes = futures::future::try_join_all(params.iter().map(|(stmt, p)| tx.execute(*stmt, p)));
-    futures::try_join!(log_write, entity_writes)?;
-    Ok(())
-}
-
-async fn replay(
-    tx: &Txn<'_>,
-    sid: i64,
-    batch: &IncomingBatch,
-    op_ids: &[u8],
-    cursor: u64,
-) -> Result<Appended, PgError> {
-    let stmt = tx
-        .prepare_cached(
-            "SELECT op_ids, results FROM client_batches WHERE sid = $1 AND client_id = $2 AND batch_seq = $3",
-        )
-        .await?;
-    let row = tx
-        .query_opt(&stmt, &[&sid, &&batch.client_id[..], &(batch.batch_seq as i64)])
-        .await?
-        .ok_or_else(|| PgError::Other(format!("batch {} of this client is missing", batch.batch_seq)))?;
-    let (stored_ids, stored_results): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
-    if stored_ids != op_ids {
-        return Err(PgError::Diverged { batch_seq: batch.batch_seq });
-    }
-    let mut results =
-        capsync_model::replay::decode_results(&stored_results).ok_or_else(|| PgError::Other("a stored batch result is corrupt".into()))?;
+/// What the call's row says about `batch`: the ack and the ops applied now, or the error.
+pub fn interpret(row: &tokio_postgres::Row, sid: i64, batch: &IncomingBatch) -> Result<Appended, PgError> {
+    let outcome: &str = row.try_get(0)?;
+    let replay = match outcome {
+        "applied" => false,
+        "replay" => true,
+        "revoked" => return Err(PgError::Revoked),
+        "zero" => return Err(PgError::ZeroBatchSeq),
+        "gap" => return Err(PgError::Gap { got: batch.batch_seq, expected: row.try_get::<_, i64>(2)? as u64 }),
+        "diverged" => return Err(PgError::Diverged { batch_seq: batch.batch_seq }),
+        "no-session" => return Err(PgError::Other(format!("no session with sid {sid}"))),
+        "no-batch" => return Err(PgError::Other(format!("batch {} of this client is missing", batch.batch_seq))),
+        other => return Err(PgError::Other(format!("capsync_append answered an unknown outcome {other:?}"))),
+    };
+    let cursor = row.try_get::<_, i64>(1)? as u64;
+    let blob: Vec<u8> = row.try_get(3)?;
+    let mut results = capsync_model::replay::decode_results(&blob)
+        .filter(|r| r.len() == batch.ops.len())
+        .ok_or_else(|| PgError::Other("a stored batch result is corrupt".into()))?;
+    let mut applied = Vec::new();
     for (outcome, op) in results.iter_mut().zip(&batch.ops) {
         outcome.op_id = op.op_id.clone();
-        if outcome.status == OpStatus::Applied {
+        if outcome.status != OpStatus::Applied {
+            continue;
+        }
+        if replay {
             outcome.status = OpStatus::Duplicate;
+        } else if let (Ok(body), Ok(op_id)) = (&op.body, op.op_id.as_slice().try_into()) {
+            applied.push(LoggedOp { seq: outcome.seq, op: Op { op_id, body: body.clone() } });
         }
     }
-    Ok(Appended { ack: BatchAck { cursor, batch_seq: batch.batch_seq, results }, applied: Vec::new() })
+    Ok(Appended { ack: BatchAck { cursor, batch_seq: batch.batch_seq, results }, applied })
 }

@@ -24,8 +24,10 @@
 //! - **Dedupe and `batchSeq` are enforced by the database**: `UNIQUE (sid, op_id)` on the op
 //!   log and `PRIMARY KEY (sid, client_id, batch_seq)` on the stored batches, under the session
 //!   lock.
-//! - **No ack before its commit**: [`PgStore::append`] returns only after `COMMIT` returned
-//!   (PostgreSQL's default `synchronous_commit = on` flushes the WAL first). If the connection
+//! - **No ack before its commit**: [`PgStore::append`] is one `capsync_append` call in
+//!   autocommit and returns only after that implicit transaction committed (PostgreSQL's
+//!   default `synchronous_commit = on` flushes the WAL first; see `append.rs` for why the
+//!   protocol guarantees the order). If the connection
 //!   drops during the commit the outcome is unknown and the error is
 //!   [`PgError::Unavailable`]; the client's replay of the same batch then answers exactly.
 //!   Dropping a write's future before it finishes rolls its transaction back, unless `COMMIT`
@@ -49,7 +51,7 @@
 pub mod testing;
 mod append;
 pub mod migrate;
-pub use append::sql as append_sql;
+pub use append::{interpret as interpret_append, sql as append_sql, AppendCall};
 pub mod notify;
 pub mod tls;
 
@@ -376,11 +378,10 @@ async fn insert_token(tx: &Txn<'_>, token: &TokenRow) -> Result<(), PgError> {
     Ok(())
 }
 
-/// Checks `guard` inside the write transaction `tx`. Share and admin rows are read `FOR SHARE`
+/// Checks `guard` inside the write transaction `tx`: the rows of the chain are read `FOR SHARE`
 /// (a concurrent revocation's `UPDATE` then waits for this transaction, or, if it committed
-/// first, is seen); session rows too, unless it is `locked`, the session row this transaction
-/// already holds `FOR UPDATE` (id and epoch as read under that lock).
-async fn check_guard(tx: &Txn<'_>, guard: &[GuardLink], locked: Option<(&str, u64)>) -> Result<(), PgError> {
+/// first, is seen), shares in id order. Appends check the same inside `capsync_append`.
+async fn check_guard(tx: &Txn<'_>, guard: &[GuardLink]) -> Result<(), PgError> {
     let mut share_ids: Vec<&str> = Vec::new();
     for link in guard {
         if let GuardTarget::Share(id) = &link.target {
@@ -399,13 +400,10 @@ async fn check_guard(tx: &Txn<'_>, guard: &[GuardLink], locked: Option<(&str, u6
     for link in guard {
         let current = match &link.target {
             GuardTarget::Share(id) => shares.get(id.as_str()).copied(),
-            GuardTarget::Session(id) => match locked {
-                Some((locked_id, epoch)) if locked_id == id => Some(epoch),
-                _ => {
-                    let stmt = tx.prepare_cached("SELECT epoch FROM sessions WHERE id = $1 FOR SHARE").await?;
-                    tx.query_opt(&stmt, &[id]).await?.map(|r| r.get::<_, i64>(0) as u64)
-                }
-            },
+            GuardTarget::Session(id) => {
+                let stmt = tx.prepare_cached("SELECT epoch FROM sessions WHERE id = $1 FOR SHARE").await?;
+                tx.query_opt(&stmt, &[id]).await?.map(|r| r.get::<_, i64>(0) as u64)
+            }
             GuardTarget::Admin => {
                 let stmt = tx.prepare_cached("SELECT epoch FROM admin WHERE id = 1 FOR SHARE").await?;
                 tx.query_opt(&stmt, &[]).await?.map(|r| r.get::<_, i64>(0) as u64)
@@ -862,7 +860,22 @@ impl PgStore {
         guard: &[GuardLink],
     ) -> Result<Appended, PgError> {
         self.hook("server-append-begin").await;
-        self.write_at(Some("server-before-commit"), async |tx| append::append(tx, sid, session_id, batch, guard).await).await
+        let call = append::AppendCall::new(sid, session_id, batch, guard);
+        let row = if self.hook.is_some() {
+            // Failpoints are armed (tests): the same call in an explicit transaction, so that
+            // `server-before-commit` falls between the append's work and its COMMIT.
+            self.write_at(Some("server-before-commit"), async |tx| {
+                let stmt = tx.prepare_cached(append_sql::CALL).await?;
+                Ok(tx.query_one(&stmt, &call.params()).await?)
+            })
+            .await?
+        } else {
+            // One statement in autocommit: one round trip, answered after its commit.
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(append_sql::CALL).await?;
+            client.query_one(&stmt, &call.params()).await?
+        };
+        append::interpret(&row, sid, batch)
     }
 
     /// Stores a new share and its token, and audits the mint (at the share's `created_at`),
@@ -875,7 +888,7 @@ impl PgStore {
         event: &AuditEvent,
     ) -> Result<(), PgError> {
         self.write(async |tx| {
-            check_guard(tx, guard, None).await?;
+            check_guard(tx, guard).await?;
             let stmt = tx
                 .prepare_cached(
                     "INSERT INTO shares (id, sid, parent_share_id, parent_epoch, rights, label, epoch,
@@ -918,7 +931,7 @@ impl PgStore {
         event: &AuditEvent,
     ) -> Result<i64, PgError> {
         self.write(async |tx| {
-            check_guard(tx, guard, None).await?;
+            check_guard(tx, guard).await?;
             let stmt = tx
                 .prepare_cached("INSERT INTO sessions (id, title, created_at) VALUES ($1, $2, $3) RETURNING sid")
                 .await?;
@@ -940,7 +953,7 @@ impl PgStore {
         event: &AuditEvent,
     ) -> Result<(), PgError> {
         self.write(async |tx| {
-            check_guard(tx, guard, None).await?;
+            check_guard(tx, guard).await?;
             let stmt = tx
                 .prepare_cached("INSERT INTO spaces (id, label, epoch, created_at) VALUES ($1, $2, $3, $4)")
                 .await?;
@@ -970,7 +983,7 @@ impl PgStore {
     ) -> Result<OpenedSession, PgError> {
         let now = open.owner.created_at as i64;
         self.write(async |tx| {
-            check_guard(tx, guard, None).await?;
+            check_guard(tx, guard).await?;
             let find = tx
                 .prepare_cached(
                     "SELECT x.sid, x.id, x.epoch FROM space_sessions ss JOIN sessions x ON x.sid = ss.sid

@@ -24,10 +24,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, description: "initial schema", sql: V1 },
     Migration { version: 2, description: "history id", sql: V2 },
     Migration { version: 3, description: "spaces", sql: V3 },
+    Migration { version: 4, description: "append in one call", sql: include_str!("v4-append.sql") },
 ];
 
 /// The version this build brings a database to.
-pub const LATEST: i32 = 3;
+pub const LATEST: i32 = 4;
 
 /// Spaces (capabilities for ingestion) and the sessions opened through them, as in the SQLite
 /// store's schema version 4.

@@ -5,15 +5,11 @@
 
 use super::harness::{ms, payload, quantile};
 use anyhow::Context as _;
-use capsync_persistence::{Entity, EntityKind, IncomingBatch, IncomingOp, OpBody, OpOutcome, OpStatus};
-use capsync_store_postgres::{append_sql as sql, migrate, notify, testing, PgStore};
+use capsync_persistence::{Entity, EntityKind, IncomingBatch, IncomingOp, OpBody};
+use capsync_store_postgres::{append_sql as sql, interpret_append, migrate, testing, AppendCall, PgStore};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Instant;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
-
-type Param<'a> = &'a (dyn ToSql + Sync);
 
 /// Where each scenario's fresh database is made.
 pub enum PgTarget {
@@ -168,10 +164,10 @@ impl Raw {
         Ok(Raw { client })
     }
 
-    /// The raw loop: the SQL of the store's append (`store-postgres/src/append.rs`), as the
-    /// store sends it (the same statements, prepared once; the same pipelining), for `ops` puts
-    /// of ~200 bytes in batches of `batch` on one connection, one transaction per batch, on a new
-    /// session. No RPC, no pool, no capsync process. Ops/s.
+    /// The raw loop: the store's append (`store-postgres/src/append.rs`) as the store sends it
+    /// (one `capsync_append` call per batch in autocommit, prepared once), for `ops` puts of
+    /// ~200 bytes in batches of `batch` on one connection, on a new session. No RPC, no pool,
+    /// no capsync process. Ops/s.
     pub async fn append_loop(&self, ops: u64, batch: u64) -> anyhow::Result<f64> {
         let c = &self.client;
         let session_id = uuid::Uuid::now_v7().to_string();
@@ -188,10 +184,10 @@ impl Raw {
             .enumerate()
             .map(|(i, start)| IncomingBatch { client_id, batch_seq: i as u64 + 1, ops: puts(start..(start + batch).min(ops), "raw") })
             .collect();
-        let s = Statements::prepare(c).await?;
+        let call = c.prepare(sql::CALL).await?;
         let started = Instant::now();
         for b in &batches {
-            s.append(c, sid, b).await?;
+            append(c, &call, sid, &session_id, b).await?;
         }
         Ok(ops as f64 / started.elapsed().as_secs_f64())
     }
@@ -215,94 +211,20 @@ impl Raw {
     }
 }
 
-/// The statements of the store's append, its own texts (`capsync_store_postgres::append_sql`).
-struct Statements {
-    lock: tokio_postgres::Statement,
-    last: tokio_postgres::Statement,
-    seen: tokio_postgres::Statement,
-    log: tokio_postgres::Statement,
-    put: tokio_postgres::Statement,
-    cursor: tokio_postgres::Statement,
-    batch: tokio_postgres::Statement,
-    notify: tokio_postgres::Statement,
-}
-
-impl Statements {
-    async fn prepare(c: &Client) -> anyhow::Result<Statements> {
-        Ok(Statements {
-            lock: c.prepare(sql::LOCK).await?,
-            last: c.prepare(sql::LAST_BATCH).await?,
-            seen: c.prepare(sql::SEEN).await?,
-            log: c.prepare(sql::LOG).await?,
-            put: c.prepare(sql::PUT).await?,
-            cursor: c.prepare(sql::CURSOR).await?,
-            batch: c.prepare(sql::BATCH).await?,
-            notify: c.prepare(sql::NOTIFY).await?,
-        })
-    }
-
-    /// One batch of new puts of messages, as `append.rs` applies it: BEGIN; the session row
-    /// `FOR UPDATE`; the client's last batchSeq and the opIds seen before in one pipelined
-    /// round trip; the decisions in memory; the op log by `unnest` and each
-    /// entity's upsert, pipelined; the cursor, the batch record and the advance notice,
-    /// pipelined; COMMIT.
-    async fn append(&self, c: &Client, sid: i64, batch: &IncomingBatch) -> anyhow::Result<()> {
-        c.batch_execute("BEGIN").await?;
-        let row = c.query_one(&self.lock, &[&sid]).await?;
-        let mut cursor: i64 = row.get(2);
-        let client_id = &batch.client_id[..];
-        let op_ids = capsync_persistence::replay::encode_op_ids(batch);
-        let seen_ids: Vec<&[u8]> = batch.ops.iter().map(|op| &op.op_id[..]).collect();
-        // No parts, so no parents to read (the store skips that read then too).
-        let (last_params, seen_params): ([Param<'_>; 2], [Param<'_>; 2]) = ([&sid, &client_id], [&sid, &seen_ids]);
-        let (last, seen_rows) = futures::try_join!(c.query_opt(&self.last, &last_params), c.query(&self.seen, &seen_params))?;
-        let last = last.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
-        anyhow::ensure!(last + 1 == batch.batch_seq, "the raw loop's batches are out of order");
-        let mut seen: HashMap<Vec<u8>, (Vec<u8>, u64)> = seen_rows
-            .iter()
-            .map(|r| (r.get::<_, Vec<u8>>(0), (r.get::<_, Vec<u8>>(1), r.get::<_, i64>(2) as u64)))
-            .collect();
-        let (mut seqs, mut hashes, mut results) = (Vec::new(), Vec::new(), Vec::new());
-        let mut entities: Vec<&Entity> = Vec::new();
-        for op in &batch.ops {
-            let Ok(body @ OpBody::Put(entity)) = &op.body else { anyhow::bail!("the raw loop only puts") };
-            let hash = body.payload_hash();
-            anyhow::ensure!(!seen.contains_key(&op.op_id), "the raw loop's opIds are new");
-            cursor += 1;
-            seen.insert(op.op_id.clone(), (hash.to_vec(), cursor as u64));
-            seqs.push(cursor);
-            hashes.push(hash);
-            entities.push(entity);
-            results.push(OpOutcome { op_id: op.op_id.clone(), status: OpStatus::Applied, seq: cursor as u64, reason: String::new() });
-        }
-        let op_id_list: Vec<&[u8]> = batch.ops.iter().map(|op| &op.op_id[..]).collect();
-        let hash_list: Vec<&[u8]> = hashes.iter().map(|h| &h[..]).collect();
-        let deletes = vec![false; entities.len()];
-        let kinds: Vec<i16> = entities.iter().map(|e| e.kind.code() as i16).collect();
-        let ids: Vec<&str> = entities.iter().map(|e| e.id.as_str()).collect();
-        let parent_ids: Vec<&str> = entities.iter().map(|e| e.parent_id.as_str()).collect();
-        let datas: Vec<&[u8]> = entities.iter().map(|e| &e.data[..]).collect();
-        let log_params: [Param<'_>; 9] = [&sid, &seqs, &op_id_list, &hash_list, &deletes, &kinds, &ids, &parent_ids, &datas];
-        let puts: Vec<[Param<'_>; 6]> =
-            (0..entities.len()).map(|i| [&sid as Param<'_>, &kinds[i], &ids[i], &parent_ids[i], &datas[i], &seqs[i]]).collect();
-        futures::try_join!(
-            c.execute(&self.log, &log_params),
-            futures::future::try_join_all(puts.iter().map(|p| c.execute(&self.put, p))),
-        )?;
-        let results_blob = capsync_persistence::replay::encode_results(&results);
-        let batch_seq = batch.batch_seq as i64;
-        let payload = notify::advance_payload(sid, cursor);
-        let cursor_params: [Param<'_>; 2] = [&sid, &cursor];
-        let batch_params: [Param<'_>; 5] = [&sid, &client_id, &batch_seq, &op_ids, &results_blob];
-        let notify_params: [Param<'_>; 2] = [&notify::ADVANCE_CHANNEL, &payload];
-        futures::try_join!(
-            c.execute(&self.cursor, &cursor_params),
-            c.execute(&self.batch, &batch_params),
-            c.execute(&self.notify, &notify_params),
-        )?;
-        c.batch_execute("COMMIT").await?;
-        Ok(())
-    }
+/// One batch as the store appends it (`store-postgres/src/append.rs`): the same arguments
+/// built from the batch, the same `capsync_append` call in autocommit (prepared once), the
+/// same reading of its answer.
+async fn append(c: &Client, call: &tokio_postgres::Statement, sid: i64, session_id: &str, batch: &IncomingBatch) -> anyhow::Result<()> {
+    let args = AppendCall::new(sid, session_id, batch, &[]);
+    let row = c.query_one(call, &args.params()).await?;
+    let appended = interpret_append(&row, sid, batch)?;
+    anyhow::ensure!(
+        appended.applied.len() == batch.ops.len(),
+        "the raw loop's ops all apply ({} of {} did)",
+        appended.applied.len(),
+        batch.ops.len()
+    );
+    Ok(())
 }
 
 /// Appends `ops` puts to a session directly through the store, in batches of 10,000 (S4's

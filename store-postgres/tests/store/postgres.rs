@@ -411,3 +411,30 @@ async fn concurrent_opens_of_one_key_get_one_session() {
         Err(PgError::Revoked)
     );
 }
+
+/// An append is one `capsync_append` call in autocommit, whose COMMIT runs at the protocol's
+/// Sync: the call must not answer before that commit, and a commit that fails must fail the
+/// append. A check deferred to the commit (a constraint trigger) refuses the batch record
+/// only at COMMIT: the append fails, and nothing of it is stored.
+#[tokio::test]
+async fn append_waits_for_its_commit() {
+    let (store, sid, url) = store_with_session().await;
+    let client = support::connect(&url).await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'refused at commit'; END; $$;
+             CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON client_batches
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();",
+        )
+        .await
+        .unwrap();
+    let err = store.append(sid, S, &batch(1, 1, vec![put(1, EntityKind::Diff, "d", "", "{}")]), &[]).await.unwrap_err();
+    assert!(err.to_string().contains("refused at commit"), "{err}");
+    assert_eq!(store.session(S).await.unwrap().unwrap().cursor, 0);
+    assert!(store.changes(sid, 0, 10).await.unwrap().0.is_empty());
+
+    client.batch_execute("DROP TRIGGER refuse_at_commit ON client_batches").await.unwrap();
+    let appended = store.append(sid, S, &batch(1, 1, vec![put(1, EntityKind::Diff, "d", "", "{}")]), &[]).await.unwrap();
+    assert_eq!(appended.ack.results[0].status, OpStatus::Applied);
+}
