@@ -6,8 +6,8 @@ use crate::support;
 use capsync_store_postgres::migrate::{self, LATEST};
 use capsync_store_postgres::{PgError, PgOptions, PgStore};
 
-/// Every table, column (type, nullability, default, collation), index, constraint and trigger
-/// of the public schema, as text, for comparing two states.
+/// Every table, column (type, nullability, default, collation), index, constraint, trigger and
+/// function (by a hash of its definition) of the public schema, as text, for comparing two states.
 async fn describe(client: &tokio_postgres::Client) -> Vec<String> {
     let mut out = Vec::new();
     for row in client
@@ -48,6 +48,18 @@ async fn describe(client: &tokio_postgres::Client) -> Vec<String> {
         .unwrap()
     {
         out.push(format!("trigger {} on {}", row.get::<_, String>(0), row.get::<_, String>(1)));
+    }
+    for row in client
+        .query(
+            "SELECT p.proname, pg_get_function_identity_arguments(p.oid), md5(pg_get_functiondef(p.oid))
+             FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let cols: Vec<String> = (0..3).map(|i| row.get::<_, String>(i)).collect();
+        out.push(format!("function {}", cols.join(" ")));
     }
     out
 }
@@ -197,4 +209,55 @@ async fn upgrading_from_v2_keeps_data_and_adds_spaces() {
         .await;
     assert!(second.is_err(), "the database refuses a second session for one key");
     assert_eq!(store.list_spaces().await.unwrap().len(), 1);
+}
+
+/// A batch stored at version 3, when the node's own statements applied it (its opIds and
+/// results in `capsync_model::replay`'s encoding), is answered from what was stored once the
+/// database is at version 4 and `capsync_append` applies batches: its replay gets the stored
+/// results, and its opId sent again in a new batch is a duplicate with its first seq.
+#[tokio::test]
+async fn upgrading_from_v3_answers_replays_of_batches_stored_before() {
+    use crate::conformance::{batch, put};
+    use capsync_model::{EntityKind, OpOutcome, OpStatus};
+    let url = support::fresh_db().await;
+    let mut client = support::connect(&url).await;
+    assert_eq!(migrate::run_to(&mut client, 3).await.unwrap(), vec![1, 2, 3]);
+    let first = batch(7, 1, vec![put(1, EntityKind::Diff, "d1", "", "{}")]);
+    let Ok(body) = &first.ops[0].body else { unreachable!() };
+    let stored = [OpOutcome { op_id: Vec::new(), status: OpStatus::Applied, seq: 1, reason: String::new() }];
+    let sid: i64 = client
+        .query_one("INSERT INTO sessions (id, title, cursor, created_at) VALUES ('s1', '', 1, 1) RETURNING sid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO ops (sid, seq, op_id, payload_hash, is_delete, kind, entity_id, parent_id, data)
+             VALUES ($1, 1, $2, $3, false, 3, 'd1', '', '{}')",
+            &[&sid, &first.ops[0].op_id, &&body.payload_hash()[..]],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO client_batches (sid, client_id, batch_seq, op_ids, results) VALUES ($1, $2, 1, $3, $4)",
+            &[
+                &sid,
+                &&first.client_id[..],
+                &capsync_model::replay::encode_op_ids(&first),
+                &capsync_model::replay::encode_results(&stored),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let store = PgStore::connect(&url).await.unwrap();
+    assert_eq!(migrate::current_version(&client).await.unwrap(), LATEST);
+    let replay = store.append(sid, "s1", &first, &[]).await.unwrap();
+    assert_eq!((replay.ack.cursor, replay.ack.results[0].status, replay.ack.results[0].seq), (1, OpStatus::Duplicate, 1));
+    assert!(replay.applied.is_empty());
+    let second = batch(7, 2, vec![put(1, EntityKind::Diff, "d1", "", "{}"), put(2, EntityKind::Diff, "d2", "", "{}")]);
+    let acked = store.append(sid, "s1", &second, &[]).await.unwrap();
+    let got: Vec<(OpStatus, u64)> = acked.ack.results.iter().map(|r| (r.status, r.seq)).collect();
+    assert_eq!(got, [(OpStatus::Duplicate, 1), (OpStatus::Applied, 2)]);
 }
