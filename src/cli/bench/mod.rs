@@ -4,6 +4,7 @@
 
 mod harness;
 mod pg;
+mod s9;
 mod scenarios;
 
 use clap::Args;
@@ -194,7 +195,7 @@ async fn run_scenarios(ctx: &Ctx, json: bool, wanted: impl Fn(&str) -> bool) -> 
     scenario!("s7w", scenarios::s7w(ctx));
     scenario!("s8", scenarios::s8(ctx));
     if ctx.pg.is_some() {
-        scenario!("s9", scenarios::s9(ctx));
+        scenario!("s9", s9::s9(ctx));
         scenario!("s10", scenarios::s10(ctx));
     }
     figures.insert("store".into(), Value::String(store_line.clone()));
