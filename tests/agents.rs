@@ -136,19 +136,7 @@ fn copy(from: &Path, to: &Path) {
 
 /// Copies a directory tree (files and symlinks as they are).
 fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let kind = entry.file_type().unwrap();
-        let dest = to.join(entry.file_name());
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), dest).unwrap();
-        } else if kind.is_dir() {
-            copy_tree(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
+    capsync_agents::fixtures::copy_tree(from, to).unwrap();
 }
 
 /// A rollout line: a function call output (a `part`) at second `i`.

@@ -332,3 +332,22 @@ pub fn generate_opencode(dir: &Path, sessions: u64, messages: u64, seed: u64) ->
     }
     Ok(generated)
 }
+
+/// Copies a directory tree, files and symlinks as they are (symlinks are not followed): how
+/// tests put a checked-in fixture tree where an agent would have written it.
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let dest = to.join(entry.file_name());
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, dest)?;
+        } else if kind.is_dir() {
+            copy_tree(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
+}
