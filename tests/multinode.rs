@@ -231,18 +231,8 @@ fn a_client_whose_node_is_killed_replays_through_the_balancer_on_another_node() 
 #[test]
 fn an_append_in_flight_when_a_revocation_commits_elsewhere_is_not_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let url = fresh_database();
-    let release = dir.path().join("release");
-    let release_text = release.to_str().unwrap().to_owned();
     // A's second append waits before its transaction begins, until `release` exists.
-    let a = Server::start_with(
-        &dir.path().join("a"),
-        &[("CAPSYNC_FAILPOINTS", "server-append-begin=2:hold"), ("CAPSYNC_FAILPOINTS_RELEASE", &release_text)],
-        &["--store", &url],
-    );
-    let b = node(dir.path(), "b", &url, &[]);
-    let (_, owner) = new_session(&a);
-    let admin_b = dir.path().join("b/admin.uri").to_str().unwrap().to_owned();
+    let HeldPair { a, b, owner, admin_b, release } = held_pair(dir.path(), "server-append-begin=2:hold");
     let (held, cursor_after) = run_local(async {
         let conn = Connection::open(&a.addr).await.unwrap();
         let (session, _) = conn.session(&owner);
@@ -270,5 +260,52 @@ fn an_append_in_flight_when_a_revocation_commits_elsewhere_is_not_applied() {
     });
     assert_eq!(held.err().as_ref().and_then(marker_of), Some(Marker::Revoked), "the in-flight append is refused as revoked");
     assert_eq!(cursor_after, 1, "nothing of it was applied after the revocation's commit");
+    drop(b);
+}
+
+/// Node A, whose failpoint `spec` (a `hold`) waits until `release` exists, and node B, on one
+/// fresh database; the owner token of a session made on A; node B's admin file.
+struct HeldPair {
+    a: Server,
+    b: Server,
+    owner: Token,
+    admin_b: String,
+    release: std::path::PathBuf,
+}
+
+fn held_pair(dir: &std::path::Path, spec: &str) -> HeldPair {
+    let url = fresh_database();
+    let release = dir.join("release");
+    let a = Server::start_with(
+        &dir.join("a"),
+        &[("CAPSYNC_FAILPOINTS", spec), ("CAPSYNC_FAILPOINTS_RELEASE", release.to_str().unwrap())],
+        &["--store", &url],
+    );
+    let b = node(dir, "b", &url, &[]);
+    let (_, owner) = new_session(&a);
+    let admin_b = dir.join("b/admin.uri").to_str().unwrap().to_owned();
+    HeldPair { a, b, owner, admin_b, release }
+}
+
+/// Issue 16 point 2, "calls in flight on A fail": an `info` on node A already past its epoch
+/// check and waiting on PostgreSQL (its read held by a failpoint) answers `capsync/revoked`
+/// once node A hears of a revocation committed through node B, while its read is still held.
+#[test]
+fn a_call_in_flight_on_one_node_fails_revoked_when_a_revocation_commits_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let HeldPair { a, b, owner, admin_b, release } = held_pair(dir.path(), "server-read-session=1:hold");
+    let answer = run_local(async {
+        let conn = Connection::open(&a.addr).await.unwrap();
+        let (session, _) = conn.session(&owner);
+        let (reader_token, share_id) = mint(&session, "read", "reader", 0).await.unwrap();
+        let (share, grant) = conn.session(&reader_token);
+        grant.await.unwrap();
+        let revoke = move || {
+            let (ok, _, stderr) = cli(&["admin", "--admin-file", &admin_b, "revoke-share", &share_id]);
+            assert!(ok, "{stderr}");
+        };
+        answer_before_release(&a, "server-read-session", &release, async move { cursor(&share).await }, revoke).await
+    });
+    assert_marker(answer, Marker::Revoked);
     drop(b);
 }

@@ -303,6 +303,38 @@ on_both_stores! {
         assert_no_tokens(&server.log_text(), &tokens, "the server log");
     }
 
+    /// Issue 16 point 2, "calls in flight fail": an `info` already past its epoch check and
+    /// waiting on the store (its read held by a failpoint) answers `capsync/revoked` once the
+    /// revocation commits, while its read is still held, not after the read.
+    #[test]
+    fn a_call_waiting_on_the_store_fails_revoked_while_its_read_is_still_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let release = dir.path().join("release");
+        // The first session read (the held `info`'s) waits until `release` exists.
+        let server = Server::start_with(
+            &data,
+            &[("CAPSYNC_FAILPOINTS", "server-read-session=1:hold"), ("CAPSYNC_FAILPOINTS_RELEASE", release.to_str().unwrap())],
+            &[],
+        );
+        let admin = server.admin_uri();
+        let admin_file = data.join("admin.uri").to_str().unwrap().to_owned();
+        let answer = run_local(async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            let (_, owner) = create_session(&conn, &admin.token, "in flight").await;
+            let (session, _) = conn.session(&owner);
+            let (reader_token, share_id) = mint(&session, "read", "reader", 0).await.unwrap();
+            let (share, grant) = conn.session(&reader_token);
+            grant.await.unwrap();
+            let revoke = move || {
+                let (ok, _, stderr) = cli(&["admin", "--admin-file", &admin_file, "revoke-share", &share_id]);
+                assert!(ok, "{stderr}");
+            };
+            answer_before_release(&server, "server-read-session", &release, async move { cursor(&share).await }, revoke).await
+        });
+        assert_marker(answer, Marker::Revoked);
+    }
+
     #[test]
     fn admin_uri_is_private_and_the_audit_table_records_without_tokens() {
         let dir = tempfile::tempdir().unwrap();

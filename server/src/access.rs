@@ -25,6 +25,9 @@ pub struct Access {
     pub chain: Vec<EpochLink>,
     /// Whether this node's epoch cells are current (see [`EpochRegistry::currency`]).
     pub currency: Arc<Currency>,
+    /// Changes after every revocation, so a call waiting on the store learns of one at once
+    /// (see [`Access::until_refused`]).
+    pub revocations: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Access {
@@ -85,6 +88,7 @@ impl Access {
             expires_at: token.expires_at,
             chain,
             currency: registry.currency(),
+            revocations: registry.watch_revocations(),
         };
         access.check()?;
         Ok(access)
@@ -97,6 +101,44 @@ impl Access {
             return Err(ServerError::Overloaded("this node is catching up with other nodes' revocations; retry".into()));
         }
         check(&self.chain, self.expires_at)
+    }
+
+    /// Resolves, with the error [`Access::check`] gives, once this capability no longer passes
+    /// it: a link of its chain was revoked (on this node, or on another node and heard of
+    /// here), or this node's cells stopped being current. Never resolves while it passes.
+    /// Expiry alone does not wake it; the calls' own checks catch that.
+    pub async fn until_refused(&self) -> ServerError {
+        // Marked seen before the check: a bump after this point moves the watch, one before it
+        // shows in the cells, so none falls between the check and the wait.
+        let mut revocations = self.revocations.clone();
+        revocations.borrow_and_update();
+        let mut currency = self.currency.watch();
+        loop {
+            if let Err(err) = self.check() {
+                return err;
+            }
+            tokio::select! {
+                changed = revocations.changed() => {
+                    if changed.is_err() {
+                        // The registry is gone (the server is stopping): nothing more to hear.
+                        return std::future::pending().await;
+                    }
+                }
+                _ = currency.changed() => {}
+            }
+        }
+    }
+
+    /// Runs `work` (a store read) unless this capability is refused first: a call in flight
+    /// fails the moment a revocation lands instead of after its query. The read itself is
+    /// dropped, not undone; only reads go through here, never a write whose commit the
+    /// client must learn of.
+    pub async fn unless_refused<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::select! {
+            biased;
+            err = self.until_refused() => Err(err),
+            done = work => done,
+        }
     }
 
     pub fn require(&self, needed: Rights, what: &str) -> Result<()> {

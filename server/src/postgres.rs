@@ -44,17 +44,20 @@ impl PostgresStore {
     pub async fn connect(url: &str, observer: Option<GroupObserver>) -> Result<PostgresStore> {
         let mut options = PgOptions::default();
         if failpoint::any_armed() {
-            // On a blocking thread: a `hold` must not stop the RPC thread.
-            let hook: Hook = std::sync::Arc::new(|point| {
-                Box::pin(async move {
-                    let _ = tokio::task::spawn_blocking(move || failpoint::hit(point)).await;
-                })
-            });
+            let hook: Hook = std::sync::Arc::new(|point| Box::pin(hit_off_thread(point)));
             options.hook = Some(hook);
         }
         let pg = PgStore::connect_with(url, options).await.map_err(unreachable_at_start)?;
         let history = pg.history().await.map_err(unreachable_at_start)?;
         Ok(PostgresStore { pg, history, observer, appends: tokio_util::task::TaskTracker::new() })
+    }
+}
+
+/// A failpoint hit on a blocking thread, so a `hold` does not stop the RPC thread; nothing
+/// at all unless a failpoint is armed.
+async fn hit_off_thread(point: &'static str) {
+    if failpoint::any_armed() {
+        let _ = tokio::task::spawn_blocking(move || failpoint::hit(point)).await;
     }
 }
 
@@ -207,7 +210,10 @@ impl Store for PostgresStore {
 
     fn session(&self, session_id: String) -> Fut<Option<SessionRow>> {
         let pg = self.pg.clone();
-        Box::pin(async move { Ok(pg.session(&session_id).await?) })
+        Box::pin(async move {
+            hit_off_thread("server-read-session").await;
+            Ok(pg.session(&session_id).await?)
+        })
     }
 
     fn last_batch_seq(&self, sid: i64, client: Id16) -> Fut<u64> {

@@ -2,8 +2,10 @@
 //!
 //! Every method first checks the capability's epoch chain and expiry (no database read), so a
 //! revocation committed on any connection fails the next call here with `capsync/revoked`.
-//! Calls still in flight when it lands are checked again before they answer, so they fail
-//! rather than complete.
+//! Calls still in flight when it lands fail at once: a read waiting on the store is dropped
+//! the moment a revocation reaches its chain ([`Access::unless_refused`]), and every call is
+//! checked again before it answers. An append's write is not dropped: it commits before the
+//! revocation or is refused by the store's own check, and its answer says which.
 
 use crate::access::Access;
 use crate::convert;
@@ -125,7 +127,7 @@ impl session::Server for SessionImpl {
                 None
             };
             let limit = self.page_limit(params.get_limit());
-            let mut page = self.conn.shared.store.snapshot_page(self.access.sid, after, limit).await?;
+            let mut page = self.access.unless_refused(self.conn.shared.store.snapshot_page(self.access.sid, after, limit)).await?;
             self.access.check()?;
             let keep = within_bytes(page.entities.iter().map(|e| e.data.len()), self.conn.shared.limits.max_page_bytes);
             if keep < page.entities.len() {
@@ -150,7 +152,7 @@ impl session::Server for SessionImpl {
             self.require(READ, "changes")?;
             let params = params.get()?;
             let limit = self.page_limit(params.get_limit());
-            let (mut ops, cursor) = self.conn.shared.store.changes(self.access.sid, params.get_after(), limit).await?;
+            let (mut ops, cursor) = self.access.unless_refused(self.conn.shared.store.changes(self.access.sid, params.get_after(), limit)).await?;
             self.access.check()?;
             let keep = within_bytes(ops.iter().map(|o| op_bytes(&o.op.body)), self.conn.shared.limits.max_page_bytes);
             ops.truncate(keep);
@@ -240,13 +242,8 @@ impl session::Server for SessionImpl {
         let call = self.conn.begin_call("info")?;
         call.observe(async move {
             self.access.check()?;
-            let session = self
-                .conn
-                .shared
-                .store
-                .session(self.access.session_id.clone())
-                .await?
-                .ok_or(ServerError::Revoked)?;
+            let read = self.conn.shared.store.session(self.access.session_id.clone());
+            let session = self.access.unless_refused(read).await?.ok_or(ServerError::Revoked)?;
             self.access.check()?;
             let mut info = results.get().init_info();
             info.set_session_id(session.id.as_str());

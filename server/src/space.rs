@@ -102,7 +102,7 @@ impl space::Server for SpaceImpl {
         let call = self.conn.begin_call("listSessions")?;
         call.observe(async move {
             self.access.check()?;
-            let rows = self.conn.shared.store.space_sessions(self.access.id.clone()).await?;
+            let rows = self.access.unless_refused(self.conn.shared.store.space_sessions(self.access.id.clone())).await?;
             self.access.check()?;
             let mut list = results.get().init_sessions(rows.len() as u32);
             for (i, row) in rows.iter().enumerate() {
@@ -122,7 +122,7 @@ impl space::Server for SpaceImpl {
         let call = self.conn.begin_call("info")?;
         call.observe(async move {
             self.access.check()?;
-            let spaces = self.conn.shared.store.list_spaces().await?;
+            let spaces = self.access.unless_refused(self.conn.shared.store.list_spaces()).await?;
             self.access.check()?;
             let (space, sessions) = spaces.iter().find(|(s, _)| s.id == self.access.id).ok_or(ServerError::Revoked)?;
             convert::set_space_summary(results.get().init_info(), space, *sessions);

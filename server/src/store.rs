@@ -347,7 +347,11 @@ impl Store for SqliteStore {
     }
 
     fn session(&self, session_id: String) -> Fut<Option<SessionRow>> {
-        self.read(move |reader| reader.session(&session_id))
+        self.read(move |reader| {
+            // On a reader thread: a test holds a read here without stopping the RPC thread.
+            failpoint::hit("server-read-session");
+            reader.session(&session_id)
+        })
     }
 
     fn last_batch_seq(&self, sid: i64, client: capsync_persistence::Id16) -> Fut<u64> {

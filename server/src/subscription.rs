@@ -121,7 +121,10 @@ async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, a
         head.borrow_and_update();
         let ops: Vec<Arc<LoggedOp>> = match feed.read_after(cursor, MAX_OPS_PER_CALL, MAX_BYTES_PER_CALL) {
             Some(ops) => ops,
-            None => match shared.store.changes(access.sid, cursor, MAX_OPS_PER_CALL as u32).await {
+            // A revocation landing during the read ends the subscription at once (the loop's
+            // check says how), not after the read.
+            None => match access.unless_refused(shared.store.changes(access.sid, cursor, MAX_OPS_PER_CALL as u32)).await {
+                Err(_) if access.check().is_err() => continue,
                 Ok((mut ops, _)) => {
                     // The same byte cap as the feed: a run of large ops must not make one
                     // onOps message larger than a client will read.

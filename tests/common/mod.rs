@@ -238,6 +238,41 @@ fn wait_for_file(path: &Path) {
     panic!("{} never appeared", path.display());
 }
 
+/// Waits (without blocking the test's runtime) until the server's log contains `text`, such
+/// as a failpoint's `reached: holding`.
+pub async fn wait_for_log(server: &Server, text: &str) {
+    for _ in 0..3000 {
+        if server.log_text().contains(text) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{text:?} never appeared in {}", server.log.display());
+}
+
+/// Starts `call`, which the `hold` failpoint `point` of `server` stops; once the server logs
+/// that it holds, runs `act` (a revocation, say) on a blocking thread; then waits for the
+/// call's answer and only after it creates `release`, which lets the held work go on. Panics
+/// unless the call answered while the hold was still in force. The wait is a deadline (20 s),
+/// not a measurement: code that answers only after the release fails it.
+pub async fn answer_before_release<T: 'static>(
+    server: &Server,
+    point: &str,
+    release: &Path,
+    call: impl Future<Output = T> + 'static,
+    act: impl FnOnce() + Send + 'static,
+) -> T {
+    let call = tokio::task::spawn_local(call);
+    wait_for_log(server, &format!("failpoint {point} reached: holding")).await;
+    tokio::task::spawn_blocking(act).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), call).await;
+    let released_first = server.log_text().contains(&format!("failpoint {point} released"));
+    std::fs::write(release, b"").unwrap();
+    let answer = answer.unwrap_or_else(|_| panic!("the call held at {point} did not answer while its work was held")).unwrap();
+    assert!(!released_first, "the work held at {point} was still held when the call answered");
+    answer
+}
+
 /// Runs `f` on a current-thread runtime inside a `LocalSet`, as capnp-rpc needs.
 pub fn run_local<F: Future>(f: F) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
