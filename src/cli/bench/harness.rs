@@ -117,7 +117,8 @@ pub fn preload(data: &Path, session_id: &str, ops: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn puts(range: std::ops::Range<u64>, prefix: &str) -> Vec<IncomingOp> {
+/// `range`'s puts of ~200-byte messages with ids `{prefix}{i}`, each with a new opId.
+pub(super) fn puts(range: std::ops::Range<u64>, prefix: &str) -> Vec<IncomingOp> {
     range
         .map(|i| IncomingOp {
             op_id: uuid::Uuid::now_v7().as_bytes().to_vec(),

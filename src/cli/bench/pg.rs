@@ -3,9 +3,9 @@
 //! the raw tokio-postgres loop doing the store's append SQL, and PostgreSQL's own single-row
 //! durable insert.
 
-use super::harness::{ms, payload, quantile};
+use super::harness::{ms, payload, puts, quantile};
 use anyhow::Context as _;
-use capsync_persistence::{Entity, EntityKind, IncomingBatch, IncomingOp, OpBody};
+use capsync_persistence::IncomingBatch;
 use capsync_store_postgres::{append_sql as sql, interpret_append, migrate, testing, AppendCall, PgStore};
 use std::cell::RefCell;
 use std::time::Instant;
@@ -240,14 +240,6 @@ pub async fn preload(url: &str, session_id: &str, ops: u64) -> anyhow::Result<()
     Ok(())
 }
 
-fn puts(range: std::ops::Range<u64>, prefix: &str) -> Vec<IncomingOp> {
-    range
-        .map(|i| IncomingOp {
-            op_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
-            body: Ok(OpBody::Put(Entity { kind: EntityKind::Message, id: format!("{prefix}{i}"), parent_id: String::new(), data: payload(i) })),
-        })
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {
