@@ -83,6 +83,7 @@ pub struct Metrics {
     revocations: Family<KindLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
     store_errors: Counter,
+    epoch_cells: Gauge,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,8 @@ impl Metrics {
         registry.register("limit_refusals", "Connections refused or closed, and reads held back, by the limit that acted", refusals.clone());
         let store_errors = Counter::default();
         registry.register("store_errors", "Calls that failed in the store (I/O, full disk, stopped)", store_errors.clone());
+        let epoch_cells = Gauge::default();
+        registry.register("epoch_cells", "Epoch cells in memory: objects of live capabilities and of recent revocations", epoch_cells.clone());
         Metrics {
             registry,
             connections,
@@ -136,6 +139,7 @@ impl Metrics {
             revocations,
             refusals,
             store_errors,
+            epoch_cells,
         }
     }
 
@@ -204,6 +208,11 @@ impl Metrics {
         self.revocations.get_or_create(&KindLabels { kind }).inc();
     }
 
+    /// Set by the epoch registry whenever its map grows or is swept.
+    pub fn epoch_cells(&self, count: usize) {
+        self.epoch_cells.set(count as i64);
+    }
+
     pub fn refused(&self, why: Refusal) {
         self.refusals.get_or_create(&ReasonLabels { reason: why.name() }).inc();
     }
@@ -235,7 +244,7 @@ mod tests {
         assert!(text.contains("capsync_calls_total{method=\"append\",outcome=\"ok\"} 1"), "{text}");
         assert!(text.contains("capsync_redeems_total{outcome=\"capsync/unknown-token\"} 1"), "{text}");
         assert!(text.contains("capsync_limit_refusals_total{reason=\"idle-timeout\"} 1"), "{text}");
-        for name in ["capsync_connections", "capsync_commit_seconds", "capsync_ops_per_commit", "capsync_writer_queue_depth", "capsync_subscription_lag_ops", "capsync_store_errors_total"] {
+        for name in ["capsync_connections", "capsync_commit_seconds", "capsync_ops_per_commit", "capsync_writer_queue_depth", "capsync_subscription_lag_ops", "capsync_store_errors_total", "capsync_epoch_cells"] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
     }
