@@ -1,7 +1,7 @@
 //! What a live capability may do, and the check every call makes before it runs.
 
 use crate::error::{Result, ServerError};
-use crate::registry::{Currency, EpochLink, EpochRegistry, ObjectKey};
+use crate::registry::{Currency, EpochLink, ObjectKey, Ticket};
 use std::sync::Arc;
 use crate::store::{now_ms, Resolution};
 use capsync_persistence::server::{SpaceLink, TargetKind};
@@ -32,28 +32,26 @@ pub struct Access {
 
 impl Access {
     /// Judges a resolved token: builds its chain from the registry's cells and checks it.
-    /// A chain whose stored rows disagree with the token is reported as revoked; a missing
-    /// row as an unknown token.
-    pub fn from_resolution(res: &Resolution, registry: &EpochRegistry) -> Result<Access> {
+    /// `ticket` is the one taken before the store read that gave `res`. A chain whose stored
+    /// rows disagree with the token is reported as revoked; a missing row as an unknown token.
+    pub fn from_resolution(res: &Resolution, ticket: &Ticket<'_>) -> Result<Access> {
         let token = &res.token;
         let space_link = |expected: u64| -> Result<EpochLink> {
             let space = res.space.as_ref().ok_or(ServerError::UnknownToken)?;
             if Some(space.id.as_str()) != token.space_to_resolve() {
                 return Err(ServerError::UnknownToken);
             }
-            let key = ObjectKey::Space(space.id.clone());
-            Ok(EpochLink { cell: registry.cell(key.clone(), space.epoch), key, expected })
+            Ok(ticket.link(ObjectKey::Space(space.id.clone()), space.epoch, expected))
         };
         let (id, session, rights, mut chain) = match token.target_kind {
             TargetKind::Admin => {
                 let epoch = res.admin_epoch.ok_or(ServerError::UnknownToken)?;
-                let link = EpochLink { key: ObjectKey::Admin, cell: registry.cell(ObjectKey::Admin, epoch), expected: token.minted_epoch };
+                let link = ticket.link(ObjectKey::Admin, epoch, token.minted_epoch);
                 ("admin".to_owned(), None, Rights::default(), vec![link])
             }
             TargetKind::Session => {
                 let session = res.session.as_ref().ok_or(ServerError::UnknownToken)?;
-                let key = ObjectKey::Session(session.id.clone());
-                let link = EpochLink { cell: registry.cell(key.clone(), session.epoch), key, expected: token.minted_epoch };
+                let link = ticket.link(ObjectKey::Session(session.id.clone()), session.epoch, token.minted_epoch);
                 (session.id.clone(), Some(session), token.rights, vec![link])
             }
             TargetKind::Share => {
@@ -62,12 +60,10 @@ impl Access {
                 let mut chain = Vec::with_capacity(res.shares.len() + 1);
                 let mut expected = token.minted_epoch;
                 for share in &res.shares {
-                    let key = ObjectKey::Share(share.id.clone());
-                    chain.push(EpochLink { cell: registry.cell(key.clone(), share.epoch), key, expected });
+                    chain.push(ticket.link(ObjectKey::Share(share.id.clone()), share.epoch, expected));
                     expected = share.parent_epoch;
                 }
-                let key = ObjectKey::Session(session.id.clone());
-                chain.push(EpochLink { cell: registry.cell(key.clone(), session.epoch), key, expected });
+                chain.push(ticket.link(ObjectKey::Session(session.id.clone()), session.epoch, expected));
                 (target.id.clone(), Some(session), target.rights, chain)
             }
             TargetKind::Space => {
@@ -79,6 +75,8 @@ impl Access {
         if let (Some(through), TargetKind::Session | TargetKind::Share) = (&token.space, token.target_kind) {
             chain.push(space_link(through.epoch)?);
         }
+        ticket.confirm()?;
+        let registry = ticket.registry();
         let access = Access {
             kind: token.target_kind,
             id,

@@ -4,7 +4,7 @@ use crate::access::Access;
 use crate::convert;
 use crate::error::{Result, ServerError};
 use crate::connection::{Connection, LiveGuard};
-use crate::registry::{EpochLink, ObjectKey};
+use crate::registry::ObjectKey;
 use crate::session::{new_share, share_label, ShareParent};
 use crate::store::now_ms;
 use capsync_persistence::server::{SessionRow, ShareRow, SpaceRow, TargetKind, TokenRow};
@@ -267,6 +267,8 @@ impl admin::Server for AdminImpl {
                 ttl => now_ms().saturating_add(ttl.saturating_mul(1000)),
             };
             let shared = &self.conn.shared;
+            // The session's epoch becomes a cell: taken before the read (see registry).
+            let ticket = shared.registry.ticket();
             let session = shared
                 .store
                 .session(session_id.clone())
@@ -274,9 +276,10 @@ impl admin::Server for AdminImpl {
                 .ok_or_else(|| ServerError::Invalid(format!("no session {session_id}")))?;
             // The admin's chain and the session at the epoch just read: a revocation of either
             // that commits first fails the mint.
-            let key = ObjectKey::Session(session.id.clone());
             let mut guard = self.access.guard();
-            guard.chain.push(EpochLink { cell: shared.registry.cell(key.clone(), session.epoch), key, expected: session.epoch });
+            guard.chain.push(ticket.link(ObjectKey::Session(session.id.clone()), session.epoch, session.epoch));
+            ticket.confirm()?;
+            drop(ticket);
             let (token, share, row) = new_share(
                 ShareParent {
                     sid: session.sid,

@@ -39,10 +39,12 @@ pub fn dial_address(addr: SocketAddr) -> String {
 pub async fn ensure_admin_uri(store: &dyn Store, registry: &EpochRegistry, data_dir: &Path, address: String, tls: bool) -> Result<()> {
     let path = data_dir.join(ADMIN_URI_FILE);
     if let Some(existing) = std::fs::read_to_string(&path).ok().and_then(|t| SturdyUri::parse(&t).ok()) {
+        let ticket = registry.ticket();
         let resolution = store.resolve_token(existing.token.hash().0).await?;
         let valid = resolution.as_ref().is_some_and(|r| {
-            r.token.target_kind == TargetKind::Admin && Access::from_resolution(r, registry).is_ok()
+            r.token.target_kind == TargetKind::Admin && Access::from_resolution(r, &ticket).is_ok()
         });
+        drop(ticket);
         if valid {
             if existing.address != address || existing.tls != tls {
                 write_private(&path, &SturdyUri::new(address, existing.token).with_tls(tls).expose())?;

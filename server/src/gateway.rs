@@ -66,8 +66,11 @@ impl GatewayImpl {
             return Ok((access.clone(), cap.clone()));
         }
         let shared = &self.conn.shared;
+        // Before the read: a revocation that commits during it must outlive any sweep.
+        let ticket = shared.registry.ticket();
         let resolution = shared.store.resolve_token(hash.0).await?.ok_or(ServerError::UnknownToken)?;
-        let access = Access::from_resolution(&resolution, &shared.registry)?;
+        let access = Access::from_resolution(&resolution, &ticket)?;
+        drop(ticket);
         if let Some(existing) = self.redeemed.borrow().get(&hash) {
             // A concurrent redeem of the same token on this connection won the race.
             return Ok(existing.clone());

@@ -32,7 +32,7 @@
 //! - [`admin`]: `Admin`: sessions, shares, spaces, revocation, audit, stats.
 //! - [`access`]: a grant's rights, expiry and epoch chain, checked on every call.
 //! - [`sequencer`]: each client's batches in batchSeq order, whatever the dispatch order.
-//! - [`registry`]: in-memory epoch cells that revocation bumps.
+//! - [`registry`]: in-memory epoch cells that revocation bumps, swept once nothing holds them.
 //! - [`fanout`]: other nodes' revocations and appends (from a shared store's events) applied
 //!   to the cells and feeds of this one.
 //! - [`store`]: the storage trait and its SQLite implementation (threads, group commit).

@@ -55,7 +55,8 @@ pub async fn run(
         None => Rc::new(SqliteStore::open(&config.data_dir, config.reader_threads, Some(observer))?),
         Some(url) => Rc::new(crate::postgres::PostgresStore::connect(url, Some(observer)).await?),
     };
-    let registry = Arc::new(EpochRegistry::default());
+    let registry = Arc::new(EpochRegistry::observed(metrics.clone()));
+    tokio::task::spawn_local(registry.sweeper());
     let local = listener.local_addr()?;
     let advertised = config.advertise.clone().unwrap_or_else(|| bootstrap::dial_address(local));
     bootstrap::ensure_admin_uri(&*store, &registry, &config.data_dir, advertised, config.tls.is_some()).await?;
