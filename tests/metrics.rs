@@ -6,7 +6,7 @@ mod common;
 
 use capsync_client::Connection;
 use capsync_schema::capsync_capnp::EntityKind::Message;
-use capsync_schema::Token;
+use capsync_schema::{Marker, Token};
 use common::*;
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
@@ -73,6 +73,60 @@ on_both_stores! {
         assert_eq!(get(&http, "/healthz").0, 200);
         assert_eq!(get(&http, "/readyz"), (200, "ready\n".to_owned()));
         assert_eq!(get(&http, "/nothing").0, 404);
+    }
+
+    #[test]
+    fn epoch_cells_stay_bounded_while_share_tokens_are_redeemed_and_dropped() {
+        // Each redeem makes a cell for the share (and its session); closing the connection
+        // releases them. Without pruning the gauge ends above SHARES.
+        const SHARES: usize = 400;
+        const PER_CONNECTION: usize = 25;
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start_with_args(&dir.path().join("data"), &["--metrics-listen", "127.0.0.1:0"]);
+        let http = metrics_addr(&server);
+        let cells = || sample(&get(&http, "/metrics").1, "capsync_epoch_cells").expect("capsync_epoch_cells is exposed");
+        let (_, owner) = new_session(&server);
+        let shares = run_local(async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            let (session, _) = conn.session(&owner);
+            let mut shares = Vec::new();
+            // In rounds: a connection may have 256 calls in flight.
+            for _ in 0..SHARES / 100 {
+                let minted = futures::future::join_all((0..100).map(|_| mint(&session, "read", "cells", 0))).await;
+                shares.extend(minted.into_iter().map(Result::unwrap));
+            }
+            conn.close().await;
+            shares
+        });
+        let mut most = 0.0f64;
+        for chunk in shares.chunks(PER_CONNECTION) {
+            run_local(async {
+                let conn = Connection::open(&server.addr).await.unwrap();
+                let caps: Vec<_> = chunk.iter().map(|(token, _)| conn.session(token).0).collect();
+                for read in futures::future::join_all(caps.iter().map(cursor)).await {
+                    read.unwrap();
+                }
+                conn.close().await;
+            });
+            most = most.max(cells());
+        }
+        assert!(most < (SHARES / 2) as f64, "{most} epoch cells after {SHARES} redeems, at most {PER_CONNECTION} of them live at once");
+
+        // The first share's cell was swept long ago: redeemed again it gets a fresh one, which
+        // its revocation still reaches at once.
+        let (token, share_id) = &shares[0];
+        run_local(async {
+            let conn = Connection::open(&server.addr).await.unwrap();
+            let (share, _) = conn.session(token);
+            cursor(&share).await.unwrap();
+            let admin = admin_cap(&conn, &server.admin_uri().token);
+            let mut request = admin.revoke_share_request();
+            request.get().set_share_id(share_id.as_str());
+            request.send().promise.await.unwrap();
+            assert_marker(cursor(&share).await, Marker::Revoked);
+            let other = Connection::open(&server.addr).await.unwrap();
+            assert_marker(cursor(&other.session(token).0).await, Marker::Revoked);
+        });
     }
 
     #[test]
