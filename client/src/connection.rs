@@ -96,6 +96,11 @@ impl Connection {
         // Messages ready at one moment leave in one write (see the server's listener); the
         // flusher runs in the RPC system's task.
         let (writer, flusher) = capsync_schema::coalesce::coalescing(writer, 8 * 1024);
+        // capnp-futures reads a frame's segment table and then its segments, each read a
+        // syscall on a bare socket: two or more per reply even when a burst of replies arrived
+        // together. Buffered, a burst is read in a few syscalls (reads larger than the buffer
+        // still go straight through).
+        let reader = futures::io::BufReader::with_capacity(8 * 1024, reader);
         let network = twoparty::VatNetwork::new(reader, writer, Side::Client, capnp::message::ReaderOptions::new());
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
