@@ -51,6 +51,8 @@ pub struct Connection {
 
 /// Longest a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest the RPC system of a connection whose write failed may take to shut down.
+const WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Connection {
     /// Dials `address` (`HOST:PORT`) over plain TCP. Must be called inside a tokio `LocalSet`.
@@ -94,17 +96,34 @@ impl Connection {
         // Messages ready at one moment leave in one write (see the server's listener); the
         // flusher runs in the RPC system's task.
         let (writer, flusher) = capsync_schema::coalesce::coalescing(writer, 8 * 1024);
+        // capnp-futures reads a frame's segment table and then its segments, each read a
+        // syscall on a bare socket: two or more per reply even when a burst of replies arrived
+        // together. Buffered, a burst is read in a few syscalls (reads larger than the buffer
+        // still go straight through).
+        let reader = futures::io::BufReader::with_capacity(8 * 1024, reader);
         let network = twoparty::VatNetwork::new(reader, writer, Side::Client, capnp::message::ReaderOptions::new());
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
         let disconnector = rpc.get_disconnector();
+        let on_failed_write = rpc.get_disconnector();
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         tokio::task::spawn_local(async move {
             tokio::select! {
-                outcome = rpc => if let Err(err) = outcome {
+                outcome = &mut rpc => if let Err(err) = outcome {
                     tracing::debug!(error = %err, "connection ended");
                 },
-                _ = flusher => tracing::debug!("connection ended: a write failed"),
+                _ = flusher => {
+                    tracing::debug!("connection ended: a write failed");
+                    // The RPC system may not know yet: a cut connection often fails a write
+                    // before its read side sees the end of the stream. Dropped unknowing, it
+                    // would never answer the calls in flight, not even with an error
+                    // (capnp-rpc fails them only when it disconnects), and their callers
+                    // would wait forever. Disconnected, it fails them at once as
+                    // `disconnected` (capnp-rpc's words: "client requested disconnect"),
+                    // which callers retry; the rest of its shutdown is quick, as its writes
+                    // now fail, and is bounded anyway.
+                    let _ = tokio::time::timeout(WIND_DOWN, futures::future::join(on_failed_write, &mut rpc)).await;
+                }
             }
             let _ = closed_tx.send(true);
         });
@@ -154,5 +173,57 @@ impl Connection {
         if let Some(disconnector) = self.disconnector.take() {
             let _ = disconnector.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    /// A socket whose read side has not seen the peer go: nothing to read, no end of file.
+    struct Silent;
+
+    impl futures::AsyncRead for Silent {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut [u8]) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    /// A socket whose write side already knows the peer is gone.
+    struct Broken;
+
+    impl futures::AsyncWrite for Broken {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the peer went away")))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A connection cut under a client often fails a write before its read sees the end of
+    /// the stream (the proxy of tests/subscribe.rs does this). The call in flight then must
+    /// fail as `disconnected`, which callers retry, and not wait forever: a follower's first
+    /// pull waited so, and its replica never caught up.
+    #[test]
+    fn a_failed_write_fails_the_calls_in_flight_instead_of_leaving_them_waiting() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, async {
+            let conn = Connection::start(Silent, Broken);
+            // The pipelined session keeps the redeem's question alive, as in a caller that
+            // goes on using it.
+            let (_session, grant) = conn.session(&Token::generate());
+            let outcome = tokio::time::timeout(Duration::from_secs(5), grant).await;
+            let err = outcome.expect("the redeem was never answered, not even with an error").unwrap_err();
+            assert!(err.is_retryable(), "{err}");
+            tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("the connection says it is closed");
+        });
     }
 }
