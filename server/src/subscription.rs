@@ -12,6 +12,7 @@ use crate::access::Access;
 use crate::convert;
 use crate::error::ServerError;
 use crate::connection::Connection;
+use crate::feed::Feed;
 use crate::store::now_ms;
 use capsync_persistence::LoggedOp;
 use capsync_schema::capsync_capnp::{listener, subscription};
@@ -44,12 +45,13 @@ pub fn start(access: Access, conn: Rc<Connection>, listener: listener::Client, a
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let tasks = conn.shared.subscription_tasks.clone();
     let membership = Membership::join(&conn, access.sid);
+    let feed = membership.feed.clone();
     let closed = conn.closed.clone();
     tasks.spawn_local(async move {
         // The connection's end stops the task wherever it waits, so nothing it holds (the
         // listener, and through it the connection's socket) outlives the connection.
         tokio::select! {
-            _ = run(access, conn, listener, after, cancel_rx) => {}
+            _ = run(access, conn, feed, listener, after, cancel_rx) => {}
             _ = closed.cancelled() => debug!("subscription ended with its connection"),
         }
         drop(membership);
@@ -58,18 +60,24 @@ pub fn start(access: Access, conn: Rc<Connection>, listener: listener::Client, a
 }
 
 /// Leaves the feed and the count however the task ends.
+///
+/// Joins the feed too, not `run`: the task may end (its connection already closed) or be
+/// dropped before `run` is ever polled, and a leave without its join would take the feed
+/// from the session's other subscribers, which then no longer hear of new ops.
 struct Membership {
     conn: Rc<Connection>,
     sid: i64,
+    feed: Arc<Feed>,
 }
 
 impl Membership {
     fn join(conn: &Rc<Connection>, sid: i64) -> Membership {
         let shared = &conn.shared;
+        let feed = shared.feeds.join(sid);
         shared.subscriptions.set(shared.subscriptions.get() + 1);
         shared.metrics.subscription_started();
         conn.subscriptions.set(conn.subscriptions.get() + 1);
-        Membership { conn: conn.clone(), sid }
+        Membership { conn: conn.clone(), sid, feed }
     }
 }
 
@@ -83,9 +91,8 @@ impl Drop for Membership {
     }
 }
 
-async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, after: u64, mut cancel: oneshot::Receiver<()>) {
+async fn run(access: Access, conn: Rc<Connection>, feed: Arc<Feed>, listener: listener::Client, after: u64, mut cancel: oneshot::Receiver<()>) {
     let shared = conn.shared.clone();
-    let feed = shared.feeds.join(access.sid);
     let mut head = feed.watch_head();
     let mut revocations = shared.registry.watch_revocations();
     let mut closing = shared.closing.clone();
@@ -176,5 +183,75 @@ async fn run(access: Access, conn: Rc<Connection>, listener: listener::Client, a
         let mut request = listener.on_end_request();
         request.get().set_reason(reason);
         let _ = tokio::time::timeout(Duration::from_secs(2), request.send().promise).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::ConnectionBudget;
+    use crate::config::Limits;
+    use crate::connection::Shared;
+    use crate::metrics::Metrics;
+    use crate::registry::EpochRegistry;
+    use crate::store::SqliteStore;
+    use capsync_persistence::server::TargetKind;
+    use capsync_persistence::Rights;
+
+    /// A listener that is never called: these subscriptions end before they deliver.
+    struct Silent;
+    impl listener::Server for Silent {}
+
+    fn access(registry: &EpochRegistry, sid: i64) -> Access {
+        Access {
+            kind: TargetKind::Session,
+            id: "session".into(),
+            session_id: "session".into(),
+            sid,
+            rights: Rights::default(),
+            expires_at: 0,
+            chain: Vec::new(),
+            currency: registry.currency(),
+            revocations: registry.watch_revocations(),
+        }
+    }
+
+    /// A client that subscribes and disconnects at once must not take the session's feed away
+    /// from a follower on another connection: the writer publishes only into registered feeds,
+    /// so that follower would stop hearing of new ops.
+    #[test]
+    fn a_subscription_whose_connection_is_already_closed_leaves_other_followers_fed() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Rc::new(SqliteStore::open(dir.path(), 1, None).unwrap());
+            let registry = Arc::new(EpochRegistry::default());
+            let (_closing, closing) = tokio::sync::watch::channel(false);
+            let shared = Rc::new(Shared::new(store, registry.clone(), Limits::default(), closing, Arc::new(Metrics::new())));
+            let sid = 1;
+            let follower = shared.feeds.join(sid);
+            let mut head = follower.watch_head();
+
+            // The task's select! picks its first branch at random, and the bug shows only when
+            // it polls the connection's end before the subscription itself: twenty tries make
+            // missing it (one chance in 2^20) practically impossible.
+            for _ in 0..20 {
+                let budget = ConnectionBudget::new(shared.budget.clone(), 1024);
+                let conn = Rc::new(Connection::new(shared.clone(), "127.0.0.1:1".into(), budget));
+                conn.closed.cancel();
+                let listener: listener::Client = capnp_rpc::new_client(Silent);
+                let _subscription = start(access(&registry, sid), conn, listener, 0);
+                let tasks = &shared.subscription_tasks;
+                tasks.close();
+                tasks.wait().await;
+                tasks.reopen();
+                assert_eq!(shared.subscriptions.get(), 0, "the subscription has ended");
+                assert!(shared.feeds.sids().contains(&sid), "the follower's feed is still registered");
+            }
+
+            head.borrow_and_update();
+            shared.feeds.advance(sid, 1);
+            assert!(head.has_changed().unwrap(), "a commit still wakes the follower");
+        });
     }
 }
